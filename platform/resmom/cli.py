@@ -1,0 +1,147 @@
+"""`rmctl`: validate specs, prepare data, run jobs, open the MLflow UI.
+
+Every command loads and validates its input first and exits with code 2 on
+an invalid spec or argument, before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from resmom.paths import resolve_data_dir
+from resmom.specs import DATASETS, SpecError, load_job
+
+app = typer.Typer(help="Residual-momentum SSL experiments on Ray, FFCV and MLflow.", no_args_is_help=True)
+data_app = typer.Typer(help="Convert datasets into FFCV .beton files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Folder for .beton files and the local MLflow store [default: $RESMOM_DATA_DIR or ./data].",
+    ),
+]
+OverrideOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec field by dotted path, e.g. --set rm.alpha=0.5; repeatable."),
+]
+
+EXIT_INVALID = 2
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+@app.command()
+def validate(
+    spec_file: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    overrides: OverrideOption = None,
+) -> None:
+    """Check a job spec without running it."""
+    try:
+        spec = load_job(spec_file, overrides)
+    except SpecError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    console.print(f"{spec_file}: valid job spec [bold]{spec.name}[/] ({spec.method.name}, {spec.variant})")
+
+
+@app.command()
+def run(
+    spec_file: Annotated[Path, typer.Argument(help="Job spec (YAML), e.g. jobs/digits_byol_rm.yaml.")],
+    overrides: OverrideOption = None,
+    data_dir: DataDirOption = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance].")
+    ] = None,
+) -> None:
+    """Train one job with DDP workers under Ray Train, logging to MLflow."""
+    try:
+        spec = load_job(spec_file, overrides)
+    except SpecError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    _setup_logging()
+
+    from resmom.orchestrate import run_job
+    from resmom.report import summary_table
+
+    directory = resolve_data_dir(data_dir)
+    console.print(
+        f"[bold]{spec.name}[/]: {spec.method.name} ({spec.variant}, alpha={spec.rm.alpha}) on "
+        f"{spec.data.dataset}, {spec.optim.epochs} epochs, {spec.run.workers} DDP workers"
+    )
+    try:
+        result = run_job(spec, directory, address)
+    except Exception as exc:  # noqa: BLE001 - any failure ends the command with its message
+        raise _fail(f"run {spec.name} failed: {exc}") from None
+    console.print(summary_table(spec, result))
+    if result.tracking_uri.startswith("sqlite:"):
+        hint = "rmctl ui" + (f" --data-dir {directory}" if data_dir else "")
+        console.print(f"Open the MLflow UI with `{hint}` and browse experiment '{spec.run.experiment}'.")
+    else:
+        console.print(f"Runs are on the MLflow server at {result.tracking_uri}.")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    name: Annotated[str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.")],
+    data_dir: DataDirOption = None,
+    force: Annotated[bool, typer.Option(help="Rewrite the .beton files even if valid ones exist.")] = False,
+) -> None:
+    """Write the train and test .beton files of a dataset into the data folder."""
+    if name not in DATASETS:
+        raise _fail(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}", EXIT_INVALID)
+    _setup_logging()
+    from resmom.data.beton import DataError, check_beton, prepare
+
+    try:
+        paths = prepare(name, resolve_data_dir(data_dir), force=force)
+    except DataError as exc:
+        raise _fail(str(exc)) from None
+    for split, path in paths.items():
+        manifest = check_beton(path)
+        console.print(f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes)")
+
+
+@app.command()
+def ui(
+    data_dir: DataDirOption = None,
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Serve the MLflow UI of the local store on 127.0.0.1."""
+    from resmom.paths import local_artifact_root, local_tracking_uri
+
+    directory = resolve_data_dir(data_dir)
+    store = directory / "mlflow" / "mlflow.db"
+    if not store.is_file():
+        raise _fail(f"no local MLflow store at {store}; run a job first (`make demo`)")
+    console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C stops it)")
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", local_tracking_uri(directory),
+        "--default-artifact-root", local_artifact_root(directory).as_uri(),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
+
+
+if __name__ == "__main__":
+    app()

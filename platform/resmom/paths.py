@@ -1,0 +1,27 @@
+"""Where the platform keeps its files: the data folder and what lives in it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "RESMOM_DATA_DIR"
+
+
+def resolve_data_dir(explicit: Path | str | None = None) -> Path:
+    """Return the absolute data folder: `explicit`, else $RESMOM_DATA_DIR, else ./data.
+
+    Paths are made absolute here because Ray workers may run in another
+    working directory than the driver.
+    """
+    chosen = explicit or os.environ.get(DATA_DIR_ENV) or "data"
+    return Path(chosen).expanduser().resolve()
+
+
+def local_tracking_uri(data_dir: Path) -> str:
+    """Return the SQLite URI of the embedded MLflow store inside the data folder."""
+    return f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}"
+
+
+def local_artifact_root(data_dir: Path) -> Path:
+    return data_dir / "mlflow" / "artifacts"

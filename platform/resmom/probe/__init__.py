@@ -1,0 +1,1 @@
+"""Probes of representation quality: the kNN monitor."""

@@ -1,0 +1,221 @@
+"""Job specs: one validated pydantic model per experiment.
+
+A spec is loaded from YAML, `--set key=value` overrides are applied to the
+raw mapping, and the result is validated once. Derived values (per-rank
+batch, variant name) are properties, never written back, so the logged spec
+is the spec that ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DATASETS = ("digits",)
+METHODS = ("byol",)
+BACKBONES = ("resnet18",)
+
+
+class SpecError(ValueError):
+    """An invalid spec file, override or field; the message names the culprit."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AugmentSpec(_Strict):
+    """Two-view augmentation recipe (BYOL-style), applied per view."""
+
+    crop_scale: tuple[float, float] = Field((0.4, 1.0), description="area range of the crop")
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.2, ge=0)
+    hue: float = Field(0.1, ge=0, le=0.5)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check_scale(self) -> AugmentSpec:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
+class DataSpec(_Strict):
+    dataset: Literal["digits"] = "digits"
+    resolution: int = Field(32, ge=8, le=512, description="side of the training crops in pixels")
+    loader_threads: int = Field(1, ge=1, description="FFCV decoding threads per rank")
+    augment: AugmentSpec = AugmentSpec()
+
+
+class ModelSpec(_Strict):
+    backbone: Literal["resnet18"] = "resnet18"
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    width: int = Field(64, ge=4, description="channels of the first stage; 64 is the standard ResNet")
+
+
+class MethodSpec(_Strict):
+    name: Literal["byol"] = "byol"
+    projector_hidden_dim: int = Field(4096, ge=1)
+    projection_dim: int = Field(256, ge=1)
+    predictor_hidden_dim: int = Field(4096, ge=1)
+    momentum_base: float = Field(
+        0.99, ge=0, le=1, description="EMA coefficient at step 0; rises to 1 on a cosine"
+    )
+
+
+class ResidualMomentumSpec(_Strict):
+    """Residual-momentum term: alpha * mean_v (2 - 2 cos(student_v, sg(teacher_v)))."""
+
+    alpha: float = Field(1.0, ge=0, description="weight of the intra-gap term; 0 is the baseline")
+    distance: Literal["cosine"] = "cosine"
+
+
+class OptimSpec(_Strict):
+    optimizer: Literal["sgd"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(128, ge=2, description="global batch over all ranks")
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0)
+
+
+class ProbeSpec(_Strict):
+    knn_k: int = Field(20, ge=1)
+    knn_temperature: float = Field(0.1, gt=0)
+
+
+class RunSpec(_Strict):
+    workers: int = Field(2, ge=1, description="DDP workers (Ray Train)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    experiment: str = Field("resmom", min_length=1, description="MLflow experiment name")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
+    )
+
+
+class JobSpec(_Strict):
+    """One experiment: data, model, method, residual momentum, optimizer, probes, resources."""
+
+    name: str = Field(min_length=1)
+    seed: int = Field(0, ge=0)
+    data: DataSpec = DataSpec()
+    model: ModelSpec = ModelSpec()
+    method: MethodSpec = MethodSpec()
+    rm: ResidualMomentumSpec = ResidualMomentumSpec()
+    optim: OptimSpec = OptimSpec()
+    probe: ProbeSpec = ProbeSpec()
+    run: RunSpec = RunSpec()
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> JobSpec:
+        if self.optim.batch_size % self.run.workers:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
+                f"run.workers ({self.run.workers})"
+            )
+        return self
+
+    @property
+    def variant(self) -> str:
+        """`baseline` when the residual term is off, else `rm`."""
+        return "baseline" if self.rm.alpha == 0 else "rm"
+
+    @property
+    def batch_per_rank(self) -> int:
+        return self.optim.batch_size // self.run.workers
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _accepted_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Return the field names accepted at the parent of `loc`, following nested models."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        current = field.annotation
+        if not issubclass(current, BaseModel):
+            return []
+    return sorted(current.model_fields)
+
+
+def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
+    """Render a pydantic error as one line per field: dotted path, problem, what is accepted."""
+    lines = [f"invalid spec {source}:"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            accepted = _accepted_keys(model, loc)
+            message = f"unknown key; accepted keys: {', '.join(accepted)}"
+        lines.append(f"  {_format_location(loc)}: {message}")
+    return "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise SpecError(f"invalid override {assignment!r}: expected key=value, e.g. rm.alpha=0.5")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid value in override {assignment!r}: {exc}") from exc
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"invalid override {assignment!r}: {part!r} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping, with line and column on syntax errors."""
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"invalid YAML in {path}{where}: {problem}") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid spec {path}: the top level must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def validate_job(raw: dict[str, Any], source: str = "<mapping>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, JobSpec, source)) from exc
+
+
+def load_job(path: Path, overrides: list[str] | None = None) -> JobSpec:
+    """Load a job spec from YAML, apply `--set` overrides, validate.
+
+    Raises:
+        SpecError: the file is missing or malformed, an override is malformed,
+            or a field is invalid; the message names each offending field.
+    """
+    raw = read_yaml_mapping(path)
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return validate_job(raw, str(path))

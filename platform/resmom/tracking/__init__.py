@@ -1,0 +1,112 @@
+"""MLflow adapter: the only module that talks to MLflow.
+
+The driver opens the run (params, tags) and closes it; rank 0 of the workers
+logs metrics into it by run id. Everything goes through `MlflowClient` with an
+explicit tracking URI, so no process-global MLflow state leaks between runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from resmom.paths import local_artifact_root, local_tracking_uri
+from resmom.specs import JobSpec
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+def resolve_tracking_uri(spec_uri: str | None, data_dir: Path) -> str:
+    """Return the spec's URI, else $MLFLOW_TRACKING_URI, else the local SQLite store."""
+    uri = spec_uri or os.environ.get(TRACKING_URI_ENV)
+    if uri:
+        return uri
+    (data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+    return local_tracking_uri(data_dir)
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _git_commit() -> str:
+    try:
+        completed = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return completed.stdout.strip()
+
+
+def ensure_experiment(tracking_uri: str, name: str, data_dir: Path) -> str:
+    """Return the id of experiment `name`, creating it (artifacts in the data folder if local)."""
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:"):
+        root = local_artifact_root(data_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        artifact_location = root.as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def open_run(spec: JobSpec, tracking_uri: str, data_dir: Path) -> str:
+    """Create the MLflow run of a job with the resolved spec as params; return its id."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, spec.run.experiment, data_dir)
+    tags = {
+        "mlflow.runName": spec.name,
+        "method": spec.method.name,
+        "variant": spec.variant,
+        "dataset": spec.data.dataset,
+        "seed": str(spec.seed),
+        "git_commit": _git_commit(),
+    }
+    run = client.create_run(experiment_id, tags=tags)
+    params = [Param(k, v) for k, v in _flatten(spec.model_dump(mode="json")).items()]
+    client.log_batch(run.info.run_id, params=params, tags=[RunTag("spec_schema", "job/1")])
+    return run.info.run_id
+
+
+def finish_run(tracking_uri: str, run_id: str, failed: bool) -> None:
+    _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def latest_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    return dict(_client(tracking_uri).get_run(run_id).data.metrics)
+
+
+class MetricsLogger:
+    """Log metric dictionaries into one existing run; used by rank 0 only."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.client = _client(tracking_uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)

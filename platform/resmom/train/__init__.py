@@ -1,0 +1,1 @@
+"""The training loop that each DDP worker runs, and its schedules."""

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resmom.data import digits
+from resmom.data.augment import TwoViewAugment, random_resized_crop_flip
+from resmom.data.beton import DataError, check_beton, manifest_path, prepare, write_beton
+from resmom.data.loaders import eval_loader, train_loader
+from resmom.specs import AugmentSpec
+
+CPU = torch.device("cpu")
+
+
+def _read_all(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    loader = eval_loader(path, batch_size=500, rank=0, world_size=1, threads=1, device=CPU)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in loader], strict=True)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def test_digits_split_is_stratified():
+    splits = digits.digits_splits()
+    assert len(splits["train"].labels) + len(splits["test"].labels) == 1797
+    train_share = np.bincount(splits["train"].labels) / len(splits["train"].labels)
+    test_share = np.bincount(splits["test"].labels) / len(splits["test"].labels)
+    assert np.abs(train_share - test_share).max() < 0.01
+
+
+def test_digits_beton_round_trip(digits_paths: dict[str, Path]):
+    expected = digits.digits_splits()
+    for split in ("train", "test"):
+        manifest = check_beton(digits_paths[split], verify_checksum=True)
+        images, labels = _read_all(digits_paths[split])
+        assert manifest["count"] == len(expected[split].labels)
+        assert manifest["classes"] == list(range(10))
+        assert images.shape == (len(expected[split].labels), 3, 32, 32)
+        assert images.dtype == np.uint8
+        np.testing.assert_array_equal(labels, expected[split].labels)
+        np.testing.assert_array_equal(images.transpose(0, 2, 3, 1), expected[split].images)
+
+
+def test_prepare_reuses_valid_files(digits_paths: dict[str, Path], data_dir: Path):
+    before = digits_paths["train"].stat().st_mtime_ns
+    prepare("digits", data_dir)
+    assert digits_paths["train"].stat().st_mtime_ns == before
+
+
+def test_missing_manifest_rejected_and_rewritten(tmp_path: Path):
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "small.beton"
+    write_beton(path, images, np.arange(12) % 3, source="test")
+    manifest_path(path).unlink()
+    with pytest.raises(DataError, match="conversion did not finish"):
+        check_beton(path)
+
+
+def test_checksum_mismatch_rejected(tmp_path: Path):
+    images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "small.beton"
+    write_beton(path, images, np.arange(4), source="test")
+    with path.open("r+b") as handle:
+        handle.seek(-1, 2)
+        handle.write(b"\x01")
+    with pytest.raises(DataError, match="checksum"):
+        check_beton(path, verify_checksum=True)
+
+
+def test_write_rejects_bad_arrays_and_leaves_nothing(tmp_path: Path):
+    path = tmp_path / "bad.beton"
+    with pytest.raises(DataError, match="uint8"):
+        write_beton(path, np.zeros((4, 8, 8, 3), dtype=np.float32), np.arange(4), source="test")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_records_versions(digits_paths: dict[str, Path]):
+    manifest = json.loads(manifest_path(digits_paths["test"]).read_text())
+    assert set(manifest["versions"]) == {"ffcv", "numpy", "resmom"}
+    assert manifest["source"] == "digits:test"
+
+
+def test_two_view_loader_yields_independent_views(digits_paths: dict[str, Path]):
+    loader = train_loader(digits_paths["train"], 64, seed=0, distributed=False, threads=1, device=CPU)
+    augment = TwoViewAugment(AugmentSpec(), 32, digits.MEAN, digits.STD, seed=0, device=CPU)
+    images, labels = next(iter(loader))
+    view_a, view_b = augment(images)
+    assert images.shape == (64, 3, 32, 32)
+    assert labels.shape == (64,)
+    assert view_a.shape == view_b.shape == (64, 3, 32, 32)
+    assert view_a.dtype == torch.float32
+    assert not torch.allclose(view_a, view_b)
+    # Normalized views are roughly centred; a crop of a bright region may shift this.
+    assert view_a.mean().abs() < 1.0
+
+
+def test_full_square_crop_is_identity_and_flip_mirrors():
+    images = torch.rand(4, 3, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    kept = random_resized_crop_flip(images, 16, (1.0, 1.0), 0.0, generator, ratio=(1.0, 1.0))
+    flipped = random_resized_crop_flip(images, 16, (1.0, 1.0), 1.0, generator, ratio=(1.0, 1.0))
+    assert torch.allclose(kept, images, atol=1e-5)
+    assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
+
+
+def test_augment_grayscale_makes_channels_equal():
+    spec = AugmentSpec(flip_p=0.0, jitter_p=0.0, grayscale_p=1.0)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    view_a, _ = TwoViewAugment(spec, 16, (0.0,) * 3, (1.0,) * 3, seed=0, device=CPU)(images)
+    assert torch.allclose(view_a[:, 0], view_a[:, 1])
+    assert torch.allclose(view_a[:, 1], view_a[:, 2])
+
+
+def test_augment_reproducible_from_seed():
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    first = TwoViewAugment(AugmentSpec(), 16, (0.0,) * 3, (1.0,) * 3, seed=3, device=CPU)(images)
+    second = TwoViewAugment(AugmentSpec(), 16, (0.0,) * 3, (1.0,) * 3, seed=3, device=CPU)(images)
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
