@@ -83,7 +83,9 @@ def test_manifest_records_versions(digits_paths: dict[str, Path]):
 
 
 def test_two_view_loader_yields_independent_views(digits_paths: dict[str, Path]):
-    loader = train_loader(digits_paths["train"], 64, seed=0, distributed=False, threads=1, device=CPU)
+    loader = train_loader(
+        digits_paths["train"], 64, seed=0, distributed=False, threads=1, device=CPU
+    )
     augment = TwoViewAugment(AugmentSpec(), 32, digits.MEAN, digits.STD, seed=0, device=CPU)
     images, labels = next(iter(loader))
     view_a, view_b = augment(images)

@@ -28,7 +28,13 @@ def _worker(rank: int, world: int, port: int, results) -> None:
         gathered = dist_utils.all_gather_rows(rows)
         mean = dist_utils.all_reduce_mean(torch.tensor([float(rank)]))
         largest = dist_utils.all_reduce_max(torch.tensor([float(rank)]))
-        results[rank] = (gathered.tolist(), mean.item(), largest.item(), dist_utils.rank(), dist_utils.world_size())
+        results[rank] = (
+            gathered.tolist(),
+            mean.item(),
+            largest.item(),
+            dist_utils.rank(),
+            dist_utils.world_size(),
+        )
     finally:
         dist.destroy_process_group()
 

@@ -34,9 +34,10 @@ def test_rm_loss_matches_hand_values():
 def test_rm_loss_uses_same_view_only():
     student = torch.randn(2, 4, 6)
     teacher = torch.randn(2, 4, 6)
-    expected = sum(
-        2 - 2 * _naive_cos(student[v, b], teacher[v, b]) for v in range(2) for b in range(4)
-    ) / 8
+    expected = (
+        sum(2 - 2 * _naive_cos(student[v, b], teacher[v, b]) for v in range(2) for b in range(4))
+        / 8
+    )
     assert residual_momentum_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -52,10 +53,16 @@ def test_rm_loss_gradient_reaches_student_only():
 def test_byol_loss_is_cross_view_sum():
     student = torch.randn(2, 3, 5)
     teacher = torch.randn(2, 3, 5)
-    expected = sum(
-        2 - 2 * _naive_cos(student[0, b], teacher[1, b]) + 2 - 2 * _naive_cos(student[1, b], teacher[0, b])
-        for b in range(3)
-    ) / 3
+    expected = (
+        sum(
+            2
+            - 2 * _naive_cos(student[0, b], teacher[1, b])
+            + 2
+            - 2 * _naive_cos(student[1, b], teacher[0, b])
+            for b in range(3)
+        )
+        / 3
+    )
     assert byol_loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 

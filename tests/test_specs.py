@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from resmom.cli import app
@@ -88,7 +89,7 @@ def test_missing_file_named(tmp_path: Path):
 
 def test_spec_is_frozen():
     spec = JobSpec(name="x")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.rm.alpha = 2.0  # type: ignore[misc]
 
 
@@ -97,7 +98,9 @@ def test_spec_is_frozen():
     ["rm.alpha=-1", "method.name=simclr", "data.dataset=imagenet", "rm.unknown_option=3"],
 )
 def test_cli_run_rejects_invalid_spec_with_exit_2(override: str, tmp_path: Path):
-    result = runner.invoke(app, ["run", str(DEMO_JOB), "--set", override, "--data-dir", str(tmp_path)])
+    result = runner.invoke(
+        app, ["run", str(DEMO_JOB), "--set", override, "--data-dir", str(tmp_path)]
+    )
     assert result.exit_code == 2
     field = override.split("=")[0]
     assert field in result.output

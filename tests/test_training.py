@@ -39,7 +39,13 @@ def gap_runs(digits_paths: dict[str, Path]) -> dict[float, list[dict[str, float]
     for alpha in (0.0, RM_ALPHA):
         history: list[dict[str, float]] = []
         spec = validate_job(_small_spec(alpha))
-        fit(spec, digits_paths["train"], digits_paths["test"], CPU, lambda _, m: history.append(m))
+        fit(
+            spec,
+            digits_paths["train"],
+            digits_paths["test"],
+            CPU,
+            lambda _, m, h=history: h.append(m),
+        )
         runs[alpha] = history
     return runs
 
@@ -94,7 +100,10 @@ def test_knn_separable_clusters():
     bank = centers[bank_labels] + torch.randn(60, 3, generator=generator)
     query_labels = torch.arange(3).repeat(5)
     queries = centers[query_labels] + torch.randn(15, 3, generator=generator)
-    assert knn_top1(bank, bank_labels, queries, query_labels, k=5, temperature=0.1, num_classes=3) == 1.0
+    assert (
+        knn_top1(bank, bank_labels, queries, query_labels, k=5, temperature=0.1, num_classes=3)
+        == 1.0
+    )
 
 
 def test_knn_weighted_vote_by_hand():
@@ -103,6 +112,12 @@ def test_knn_weighted_vote_by_hand():
     bank = torch.tensor([[0.6, 0.8], [0.6, -0.8], [1.0, 0.0]])
     bank_labels = torch.tensor([0, 0, 1])
     query = torch.tensor([[1.0, 0.0]])
-    assert knn_top1(bank, bank_labels, query, torch.tensor([1]), k=3, temperature=0.1, num_classes=2) == 1.0
+    assert (
+        knn_top1(bank, bank_labels, query, torch.tensor([1]), k=3, temperature=0.1, num_classes=2)
+        == 1.0
+    )
     # With a high temperature the votes are nearly equal and the majority wins.
-    assert knn_top1(bank, bank_labels, query, torch.tensor([0]), k=3, temperature=100.0, num_classes=2) == 1.0
+    assert (
+        knn_top1(bank, bank_labels, query, torch.tensor([0]), k=3, temperature=100.0, num_classes=2)
+        == 1.0
+    )

@@ -15,12 +15,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from resmom.paths import resolve_data_dir
 from resmom.specs import DATASETS, SpecError, load_job
 
-app = typer.Typer(help="Residual-momentum SSL experiments on Ray, FFCV and MLflow.", no_args_is_help=True)
+app = typer.Typer(
+    help="Residual-momentum SSL experiments on Ray, FFCV and MLflow.", no_args_is_help=True
+)
 data_app = typer.Typer(help="Convert datasets into FFCV .beton files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -31,12 +32,17 @@ DataDirOption = Annotated[
     Path | None,
     typer.Option(
         "--data-dir",
-        help="Folder for .beton files and the local MLflow store [default: $RESMOM_DATA_DIR or ./data].",
+        help=(
+            "Folder for .beton files and the local MLflow store "
+            "[default: $RESMOM_DATA_DIR or ./data]."
+        ),
     ),
 ]
 OverrideOption = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a spec field by dotted path, e.g. --set rm.alpha=0.5; repeatable."),
+    typer.Option(
+        "--set", help="Override a spec field by dotted path, e.g. --set rm.alpha=0.5; repeatable."
+    ),
 ]
 
 EXIT_INVALID = 2
@@ -61,16 +67,21 @@ def validate(
         spec = load_job(spec_file, overrides)
     except SpecError as exc:
         raise _fail(str(exc), EXIT_INVALID) from None
-    console.print(f"{spec_file}: valid job spec [bold]{spec.name}[/] ({spec.method.name}, {spec.variant})")
+    console.print(
+        f"{spec_file}: valid job spec [bold]{spec.name}[/] ({spec.method.name}, {spec.variant})"
+    )
 
 
 @app.command()
 def run(
-    spec_file: Annotated[Path, typer.Argument(help="Job spec (YAML), e.g. jobs/digits_byol_rm.yaml.")],
+    spec_file: Annotated[
+        Path, typer.Argument(help="Job spec (YAML), e.g. jobs/digits_byol_rm.yaml.")
+    ],
     overrides: OverrideOption = None,
     data_dir: DataDirOption = None,
     address: Annotated[
-        str | None, typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance].")
+        str | None,
+        typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance]."),
     ] = None,
 ) -> None:
     """Train one job with DDP workers under Ray Train, logging to MLflow."""
@@ -95,7 +106,9 @@ def run(
     console.print(summary_table(spec, result))
     if result.tracking_uri.startswith("sqlite:"):
         hint = "rmctl ui" + (f" --data-dir {directory}" if data_dir else "")
-        console.print(f"Open the MLflow UI with `{hint}` and browse experiment '{spec.run.experiment}'.")
+        console.print(
+            f"Open the MLflow UI with `{hint}` and browse experiment '{spec.run.experiment}'."
+        )
     else:
         console.print(f"Runs are on the MLflow server at {result.tracking_uri}.")
 
@@ -104,7 +117,9 @@ def run(
 def data_prepare(
     name: Annotated[str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.")],
     data_dir: DataDirOption = None,
-    force: Annotated[bool, typer.Option(help="Rewrite the .beton files even if valid ones exist.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Rewrite the .beton files even if valid ones exist.")
+    ] = False,
 ) -> None:
     """Write the train and test .beton files of a dataset into the data folder."""
     if name not in DATASETS:
@@ -118,7 +133,9 @@ def data_prepare(
         raise _fail(str(exc)) from None
     for split, path in paths.items():
         manifest = check_beton(path)
-        console.print(f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes)")
+        console.print(
+            f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes)"
+        )
 
 
 @app.command()
@@ -135,10 +152,18 @@ def ui(
         raise _fail(f"no local MLflow store at {store}; run a job first (`make demo`)")
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C stops it)")
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", local_tracking_uri(directory),
-        "--default-artifact-root", local_artifact_root(directory).as_uri(),
-        "--host", "127.0.0.1", "--port", str(port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        local_tracking_uri(directory),
+        "--default-artifact-root",
+        local_artifact_root(directory).as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
 

@@ -57,7 +57,9 @@ class DataSpec(_Strict):
 class ModelSpec(_Strict):
     backbone: Literal["resnet18"] = "resnet18"
     stem: Literal["cifar", "imagenet"] = "cifar"
-    width: int = Field(64, ge=4, description="channels of the first stage; 64 is the standard ResNet")
+    width: int = Field(
+        64, ge=4, description="channels of the first stage; 64 is the standard ResNet"
+    )
 
 
 class MethodSpec(_Strict):
@@ -197,7 +199,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise SpecError(f"invalid spec {path}: the top level must be a mapping, got {type(raw).__name__}")
+        raise SpecError(
+            f"invalid spec {path}: the top level must be a mapping, got {type(raw).__name__}"
+        )
     return raw
 
 

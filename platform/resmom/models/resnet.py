@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-# Blocks per stage (He et al., "Deep Residual Learning", arXiv 1512.03385, Table 1).
+# Blocks per stage (He et al., arXiv 1512.03385).
 STAGES = {"resnet18": (2, 2, 2, 2)}
 
 

@@ -117,7 +117,9 @@ def run_job(spec: JobSpec, data_dir: Path, address: str | None = None) -> JobRes
                 use_gpu=spec.run.use_gpu,
                 resources_per_worker={"CPU": spec.run.cpus_per_worker},
             ),
-            run_config=RunConfig(name=f"{spec.name}-{run_id[:8]}", storage_path=str(data_dir / "ray")),
+            run_config=RunConfig(
+                name=f"{spec.name}-{run_id[:8]}", storage_path=str(data_dir / "ray")
+            ),
         )
         result = trainer.fit()
         if result.error is not None:

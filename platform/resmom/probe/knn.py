@@ -2,7 +2,7 @@
 
 The vote of each of the k nearest training samples is exp(cos / temperature)
 (Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
-Discrimination", arXiv 1805.01978, Sec. 3.4).
+Discrimination", arXiv 1805.01978).
 """
 
 from __future__ import annotations

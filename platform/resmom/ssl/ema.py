@@ -20,7 +20,9 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
     for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
         if t.shape != s.shape:
-            raise ValueError(f"teacher and student parameters differ in shape: {t.shape} vs {s.shape}")
+            raise ValueError(
+                f"teacher and student parameters differ in shape: {t.shape} vs {s.shape}"
+            )
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
     for t, s in zip(teacher.buffers(), student.buffers(), strict=True):
         t.copy_(s)

@@ -36,6 +36,6 @@ def embedding_std(projection: torch.Tensor) -> torch.Tensor:
     """Return the mean per-dimension std of L2-normalized embeddings (B, D).
 
     Collapse to a constant drives it to 0; a healthy D-dimensional embedding
-    sits near 1 / sqrt(D) (SimSiam, arXiv 2011.10566, Sec. 4.1).
+    sits near 1 / sqrt(D) (the collapse check of SimSiam, arXiv 2011.10566).
     """
     return F.normalize(projection, dim=-1).std(dim=0).mean()

@@ -29,7 +29,7 @@ def normalized_mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def byol_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Return BYOL's symmetrized cross-view loss (arXiv 2006.07733, Eq. 2 plus its swap).
+    """Return BYOL's symmetrized cross-view loss (arXiv 2006.07733).
 
     The student prediction of each view is regressed onto the teacher
     projection of the other view; the two terms are summed, as in the paper.
@@ -42,7 +42,10 @@ def byol_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if student.shape[0] != 2:
         raise ValueError(f"BYOL uses exactly 2 views, got {student.shape[0]}")
     teacher = teacher.detach()
-    return normalized_mse(student[0], teacher[1]).mean() + normalized_mse(student[1], teacher[0]).mean()
+    return (
+        normalized_mse(student[0], teacher[1]).mean()
+        + normalized_mse(student[1], teacher[0]).mean()
+    )
 
 
 def residual_momentum_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,13 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
         state.step += 1
 
         values = (
-            out.loss.detach(), out.ssl_loss, out.rm_loss, out.intra_cos,
-            out.inter_cos, out.intra_cos_backbone, out.embedding_std,
+            out.loss.detach(),
+            out.ssl_loss,
+            out.rm_loss,
+            out.intra_cos,
+            out.inter_cos,
+            out.intra_cos_backbone,
+            out.embedding_std,
         )
         sums += torch.stack(values).float().cpu()
         ready = time.perf_counter()
@@ -116,13 +121,15 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     metrics = dict(zip(_STEP_KEYS, means.tolist(), strict=True))
     slowest = dist_utils.all_reduce_max(torch.tensor([elapsed])).item()
     wait_frac = dist_utils.all_reduce_mean(torch.tensor([wait / elapsed])).item()
-    metrics.update({
-        "sched/lr": lr,
-        "sched/momentum": momentum,
-        "sched/alpha": spec.rm.alpha,
-        "perf/img_per_s": state.steps_per_epoch * spec.optim.batch_size / slowest,
-        "perf/data_wait_frac": wait_frac,
-    })
+    metrics.update(
+        {
+            "sched/lr": lr,
+            "sched/momentum": momentum,
+            "sched/alpha": spec.rm.alpha,
+            "perf/img_per_s": state.steps_per_epoch * spec.optim.batch_size / slowest,
+            "perf/data_wait_frac": wait_frac,
+        }
+    )
     return metrics
 
 
@@ -141,14 +148,23 @@ def _features(backbone: nn.Module, loader, info: DatasetInfo) -> tuple[torch.Ten
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
     probe = state.spec.probe
     accuracy = {}
-    for name, backbone in (("student", state.student.encoder.backbone), ("teacher", state.teacher.backbone)):
+    for name, backbone in (
+        ("student", state.student.encoder.backbone),
+        ("teacher", state.teacher.backbone),
+    ):
         was_training = backbone.training
         backbone.eval()
         bank, bank_labels = _features(backbone, bank_loader, info)
         queries, query_labels = _features(backbone, query_loader, info)
         backbone.train(was_training)
         accuracy[name] = knn_top1(
-            bank, bank_labels, queries, query_labels, probe.knn_k, probe.knn_temperature, info.num_classes
+            bank,
+            bank_labels,
+            queries,
+            query_labels,
+            probe.knn_k,
+            probe.knn_temperature,
+            info.num_classes,
         )
     return {
         "probe/knn_top1_student": accuracy["student"],
@@ -183,9 +199,13 @@ def fit(
     teacher.to(device)
     model: nn.Module = student
     if dist_utils.is_distributed():
-        model = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     optimizer = torch.optim.SGD(
-        student.parameters(), lr=spec.optim.lr, momentum=spec.optim.momentum,
+        student.parameters(),
+        lr=spec.optim.lr,
+        momentum=spec.optim.momentum,
         weight_decay=spec.optim.weight_decay,
     )
 
@@ -198,7 +218,12 @@ def fit(
         )
     # Each rank draws its own augmentations; the seed makes them reproducible.
     augment = TwoViewAugment(
-        spec.data.augment, spec.data.resolution, info.mean, info.std, seed=spec.seed * 1009 + rank, device=device
+        spec.data.augment,
+        spec.data.resolution,
+        info.mean,
+        info.std,
+        seed=spec.seed * 1009 + rank,
+        device=device,
     )
     batches = TwoViewBatches(loader, augment)
     bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device)
@@ -213,9 +238,15 @@ def fit(
             log.info(
                 "epoch %d/%d  loss %.4f (ssl %.4f, rm %.4f)  intra gap %.4f  "
                 "kNN student %.3f teacher %.3f  %.0f img/s",
-                epoch, spec.optim.epochs, metrics["loss/total"], metrics["loss/ssl"],
-                metrics["loss/rm"], metrics["gap/intra_cos"], metrics["probe/knn_top1_student"],
-                metrics["probe/knn_top1_teacher"], metrics["perf/img_per_s"],
+                epoch,
+                spec.optim.epochs,
+                metrics["loss/total"],
+                metrics["loss/ssl"],
+                metrics["loss/rm"],
+                metrics["gap/intra_cos"],
+                metrics["probe/knn_top1_student"],
+                metrics["probe/knn_top1_teacher"],
+                metrics["perf/img_per_s"],
             )
         if on_epoch is not None:
             on_epoch(epoch, metrics)

@@ -16,7 +16,8 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: fl
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
     """Return the EMA coefficient, rising from `base` at step 0 to 1 at the last step.
 
-    tau = 1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2 (BYOL, arXiv 2006.07733, Sec. 3.2).
+    tau = 1 - (1 - base) * (cos(pi * step / total_steps) + 1) / 2, as in BYOL
+    (arXiv 2006.07733).
     """
     progress = min(1.0, step / max(1, total_steps))
     return 1 - (1 - base) * (math.cos(math.pi * progress) + 1) / 2
