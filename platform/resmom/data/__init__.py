@@ -1,0 +1,1 @@
+"""Datasets, FFCV `.beton` writing and loading, and two-view augmentation."""

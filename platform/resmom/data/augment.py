@@ -1,0 +1,156 @@
+"""Batched two-view augmentation on the training device.
+
+FFCV decodes each image once (uint8, NCHW); the views are then made here as
+batched tensor operations, each sample and each view with its own random
+parameters. Working on the whole batch at once keeps the per-image Python
+cost at zero and runs on the GPU when training does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from resmom.specs import AugmentSpec
+
+# ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _uniform(low: float, high: float, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator, device=device)
+
+
+def _luma(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W)."""
+    weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def random_resized_crop_flip(
+    images: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    flip_p: float,
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> torch.Tensor:
+    """Crop a random area and aspect ratio per sample, flip, and resize to `size`.
+
+    NOTE: torchvision resamples a crop that does not fit inside the image (up
+    to 10 tries, then a center crop); here the sides are clipped to the image
+    instead, which slightly favours square crops at large scales.
+
+    Args:
+        images: (B, C, H, W) float.
+    Returns:
+        (B, C, size, size) float.
+    """
+    B, device = images.shape[0], images.device
+    area = _uniform(scale[0], scale[1], B, generator, device)
+    log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), B, generator, device)
+    aspect = torch.exp(log_ratio)
+    # Sides as fractions of the image side; affine_grid spans [-1, 1].
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    center_x = (1 - width) * _uniform(-1, 1, B, generator, device)
+    center_y = (1 - height) * _uniform(-1, 1, B, generator, device)
+    flip = torch.where(torch.rand(B, generator=generator, device=device) < flip_p, -1.0, 1.0)
+
+    theta = torch.zeros(B, 2, 3, device=device, dtype=images.dtype)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = center_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = center_y
+    grid = F.affine_grid(theta, [B, images.shape[1], size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate the chroma of (B, 3, H, W) RGB images by `angle` radians (B,) in YIQ space.
+
+    NOTE: torchvision shifts hue in HSV; a YIQ rotation is the usual batched
+    approximation and differs slightly on saturated colours.
+    """
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        device=images.device,
+        dtype=images.dtype,
+    )
+    from_yiq = torch.linalg.inv(to_yiq)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.zeros(images.shape[0], 3, 3, device=images.device, dtype=images.dtype)
+    rotation[:, 0, 0] = 1
+    rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
+    rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
+    transform = from_yiq @ rotation @ to_yiq  # (B, 3, 3)
+    return torch.einsum("bij,bjhw->bihw", transform, images)
+
+
+def color_jitter(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Jitter brightness, contrast, saturation and hue, each sample with probability `jitter_p`.
+
+    NOTE: the four steps run in a fixed order; torchvision draws a random order.
+    """
+    B, device = images.shape[0], images.device
+    apply = (torch.rand(B, generator=generator, device=device) < spec.jitter_p).view(B, 1, 1, 1)
+
+    def factor(strength: float) -> torch.Tensor:
+        return _uniform(max(0.0, 1 - strength), 1 + strength, B, generator, device).view(B, 1, 1, 1)
+
+    out = (images * factor(spec.brightness)).clamp(0, 1)
+    mean = _luma(out).mean(dim=(2, 3), keepdim=True)
+    out = ((out - mean) * factor(spec.contrast) + mean).clamp(0, 1)
+    gray = _luma(out)
+    out = ((out - gray) * factor(spec.saturation) + gray).clamp(0, 1)
+    angle = _uniform(-spec.hue, spec.hue, B, generator, device) * 2 * math.pi
+    out = _rotate_hue(out, angle).clamp(0, 1)
+    return torch.where(apply, out, images)
+
+
+def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    B = images.shape[0]
+    apply = (torch.rand(B, generator=generator, device=images.device) < p).view(B, 1, 1, 1)
+    return torch.where(apply, _luma(images).expand_as(images), images)
+
+
+class TwoViewAugment:
+    """Turn a decoded uint8 batch into two independently augmented, normalized views."""
+
+    def __init__(
+        self,
+        spec: AugmentSpec,
+        size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.spec = spec
+        self.size = size
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        out = random_resized_crop_flip(
+            images, self.size, self.spec.crop_scale, self.spec.flip_p, self.generator
+        )
+        out = color_jitter(out, self.spec, self.generator)
+        out = random_grayscale(out, self.spec.grayscale_p, self.generator)
+        return (out - self.mean) / self.std
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) uint8 -> two (B, 3, size, size) float views."""
+        scaled = images.float().div_(255)
+        return self.view(scaled), self.view(scaled)
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> normalized float, for evaluation."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255 - m) / s
