@@ -46,3 +46,6 @@ ui: install
 
 clean-data:
 	rm -rf data
+
+bench: install
+	$(BIN)/python bench/rm_overhead.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -61,3 +62,39 @@ def test_collectives_are_identity_in_one_process():
     assert torch.equal(dist_utils.all_reduce_mean(rows), rows)
     assert dist_utils.rank() == 0
     assert dist_utils.world_size() == 1
+
+
+def _mocov3_worker(rank: int, world: int, port: int, student, teacher, results) -> None:
+    from resmom.ssl.losses import mocov3_loss
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        B = student.shape[1] // world
+        local_student = student[:, rank * B : (rank + 1) * B]
+        local_teacher = teacher[:, rank * B : (rank + 1) * B]
+        # Gather keys as the training step does: (V, B, D) -> (B, V, D) rows -> (V, G, D).
+        gathered = dist_utils.all_gather_rows(local_teacher.transpose(0, 1)).transpose(0, 1)
+        loss = mocov3_loss(local_student, gathered, rank * B, temperature=0.2)
+        # DDP averages gradients over ranks, i.e. it optimizes the mean of the rank losses.
+        results[rank] = dist_utils.all_reduce_mean(loss.detach().view(1)).item()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mocov3_loss_two_ranks_equals_one_rank():
+    from resmom.ssl.losses import mocov3_loss
+
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 8, 6, generator=generator)
+    teacher = torch.randn(2, 8, 6, generator=generator)
+    single = mocov3_loss(student, teacher, 0, temperature=0.2).item()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(
+            _mocov3_worker, args=(2, _free_port(), student, teacher, results), nprocs=2, join=True
+        )
+        results = dict(results)
+    assert results[0] == pytest.approx(single, rel=1e-6)
+    assert results[1] == pytest.approx(single, rel=1e-6)

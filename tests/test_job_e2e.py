@@ -88,6 +88,13 @@ def test_run_records_spec_and_tags(demo_run):
     assert params["run.workers"] == "2"
 
 
+def test_checkpoint_logged_as_artifact(demo_run, data_dir: Path):
+    client, run = _only_run(demo_run[1])
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert artifacts == ["checkpoints/last.pt"]
+    assert (data_dir / "checkpoints" / run.info.run_id / "last.pt").is_file()
+
+
 def test_summary_table_printed(demo_run):
     output, tracking_uri = demo_run
     _, run = _only_run(tracking_uri)
@@ -103,3 +110,20 @@ def test_reduced_metrics_plausible(demo_run):
     assert 0.1 < metrics["probe/knn_top1_student"] <= 1.0
     assert 0 < metrics["gap/intra_cos"] < 2
     assert metrics["perf/img_per_s"] > 0
+
+
+def test_probe_logs_linear_accuracy(demo_run, data_dir: Path):
+    client, run = _only_run(demo_run[1])
+    result = CliRunner().invoke(app, ["probe", run.info.run_id, "--data-dir", str(data_dir)])
+    assert result.exit_code == 0, result.output
+    metrics = client.get_run(run.info.run_id).data.metrics
+    for name in ("student", "teacher"):
+        # Ten classes: chance is 0.1; frozen features of a trained encoder do far better.
+        assert 0.5 < metrics[f"probe/linear_top1_{name}"] <= 1.0
+    assert "linear probe" in result.output
+
+
+def test_probe_unknown_run_fails_cleanly(data_dir: Path):
+    result = CliRunner().invoke(app, ["probe", "0123456789abcdef", "--data-dir", str(data_dir)])
+    assert result.exit_code == 1
+    assert "has no checkpoint" in result.output

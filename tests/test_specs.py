@@ -51,7 +51,7 @@ def test_override_without_equals_rejected():
 @pytest.mark.parametrize(
     ("override", "field", "hint"),
     [
-        ("rm.alpah=1", "rm.alpah", "accepted keys: alpha, distance"),
+        ("rm.alpah=1", "rm.alpah", "accepted keys: alpha, alpha_schedule"),
         ("rm.alpha=-0.5", "rm.alpha", "greater than or equal to 0"),
         ("method.name=simclr", "method.name", "'byol'"),
         ("data.dataset=mnist", "data.dataset", "'digits'"),
@@ -116,10 +116,10 @@ def test_cli_validate_accepts_demo():
 
 def test_cli_validate_rejects_unknown_key(tmp_path: Path):
     raw = _demo_raw()
-    raw["method"]["queue_size"] = 4096
+    raw["method"]["queue_len"] = 4096
     result = runner.invoke(app, ["validate", str(_write(tmp_path, raw))])
     assert result.exit_code == 2
-    assert "method.queue_size" in result.output
+    assert "method.queue_len" in result.output
     assert "accepted keys" in result.output
 
 

@@ -44,7 +44,7 @@ def gap_runs(digits_paths: dict[str, Path]) -> dict[float, list[dict[str, float]
             digits_paths["train"],
             digits_paths["test"],
             CPU,
-            lambda _, m, h=history: h.append(m),
+            lambda _, m, __, h=history: h.append(m),
         )
         runs[alpha] = history
     return runs
@@ -121,3 +121,17 @@ def test_knn_weighted_vote_by_hand():
         knn_top1(bank, bank_labels, query, torch.tensor([0]), k=3, temperature=100.0, num_classes=2)
         == 1.0
     )
+
+
+def test_linear_probe_separates_clusters():
+    from resmom.probe.linear import fit_linear_probe, top1
+
+    generator = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=generator) * 5
+    labels = torch.arange(4).repeat_interleave(30)
+    features = centers[labels] + torch.randn(120, 8, generator=generator) + 100.0  # far from 0
+    head = fit_linear_probe(features, labels, num_classes=4)
+    assert top1(head, features, labels) == 1.0
+    test_labels = torch.arange(4).repeat(5)
+    test_features = centers[test_labels] + torch.randn(20, 8, generator=generator) + 100.0
+    assert top1(head, test_features, test_labels) >= 0.9

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from resmom.paths import resolve_data_dir
 from resmom.specs import DATASETS, SpecError, load_job
@@ -83,6 +84,12 @@ def run(
         str | None,
         typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance]."),
     ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow run id to continue from its last checkpoint, with the same spec."
+        ),
+    ] = None,
 ) -> None:
     """Train one job with DDP workers under Ray Train, logging to MLflow."""
     try:
@@ -100,7 +107,7 @@ def run(
         f"{spec.data.dataset}, {spec.optim.epochs} epochs, {spec.run.workers} DDP workers"
     )
     try:
-        result = run_job(spec, directory, address)
+        result = run_job(spec, directory, address, resume_run_id=resume)
     except Exception as exc:  # noqa: BLE001 - any failure ends the command with its message
         raise _fail(f"run {spec.name} failed: {exc}") from None
     console.print(summary_table(spec, result))
@@ -111,6 +118,32 @@ def run(
         )
     else:
         console.print(f"Runs are on the MLflow server at {result.tracking_uri}.")
+
+
+@app.command()
+def probe(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a finished job.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Fit linear probes on the frozen student and teacher of a run; log them to its MLflow run."""
+    _setup_logging()
+    from resmom.orchestrate import checkpoint_dir
+    from resmom.probe.offline import run_linear_probe
+    from resmom.tracking import resolve_tracking_uri
+
+    directory = resolve_data_dir(data_dir)
+    tracking_uri = resolve_tracking_uri(None, directory)
+    saved = checkpoint_dir(directory, run_id) / "last.pt"
+    try:
+        metrics = run_linear_probe(run_id, directory, tracking_uri, saved)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise _fail(str(exc)) from None
+    table = Table(title=f"linear probe of run {run_id}")
+    table.add_column("encoder")
+    table.add_column("top-1", justify="right")
+    for name in ("student", "teacher"):
+        table.add_row(name, f"{metrics[f'probe/linear_top1_{name}']:.2%}")
+    console.print(table)
 
 
 @data_app.command("prepare")

@@ -15,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATASETS = ("digits",)
-METHODS = ("byol",)
-BACKBONES = ("resnet18",)
+METHODS = ("byol", "mocov2", "mocov3")
+BACKBONES = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 
 
 class SpecError(ValueError):
@@ -55,38 +55,133 @@ class DataSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    backbone: Literal["resnet18"] = "resnet18"
-    stem: Literal["cifar", "imagenet"] = "cifar"
-    width: int = Field(
-        64, ge=4, description="channels of the first stage; 64 is the standard ResNet"
+    backbone: Literal["resnet18", "resnet50", "vit_tiny", "vit_small"] = "resnet18"
+    stem: Literal["cifar", "imagenet"] = Field(
+        "cifar",
+        description="ResNet stem: cifar (3x3, stride 1) or imagenet (7x7, stride 2, max-pool)",
     )
+    width: int = Field(64, ge=4, description="ResNet channels of the first stage; 64 is standard")
+    patch_size: int = Field(4, ge=1, description="ViT patch side in pixels")
+
+
+# The defaults of each method's paper (or its public code), the one place
+# they live. A spec field left out takes the value here; the resolved value is
+# what gets logged.
+#   BYOL: Grill et al., arXiv 2006.07733.
+#   MoCo v2: Chen et al., arXiv 2003.04297 (queue 65536, temperature 0.2,
+#     momentum 0.999, 2048-d hidden layer, 128-d output).
+#   MoCo v3: Chen, Xie, He, arXiv 2104.02057, and facebookresearch/moco-v3
+#     (temperature 1.0 for ResNets, momentum 0.99 on a cosine, 4096/256 MLPs).
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "byol": {
+        "projector_hidden_dim": 4096,
+        "projection_dim": 256,
+        "predictor_hidden_dim": 4096,
+        "momentum_base": 0.99,
+        "momentum_schedule": "cosine",
+        "temperature": 1.0,
+        "queue_size": 0,
+    },
+    "mocov2": {
+        "projector_hidden_dim": 2048,
+        "projection_dim": 128,
+        "predictor_hidden_dim": 0,
+        "momentum_base": 0.999,
+        "momentum_schedule": "constant",
+        "temperature": 0.2,
+        "queue_size": 65536,
+    },
+    "mocov3": {
+        "projector_hidden_dim": 4096,
+        "projection_dim": 256,
+        "predictor_hidden_dim": 4096,
+        "momentum_base": 0.99,
+        "momentum_schedule": "cosine",
+        "temperature": 1.0,
+        "queue_size": 0,
+    },
+}
 
 
 class MethodSpec(_Strict):
-    name: Literal["byol"] = "byol"
-    projector_hidden_dim: int = Field(4096, ge=1)
-    projection_dim: int = Field(256, ge=1)
-    predictor_hidden_dim: int = Field(4096, ge=1)
-    momentum_base: float = Field(
-        0.99, ge=0, le=1, description="EMA coefficient at step 0; rises to 1 on a cosine"
+    """The SSL method; fields left out take the method's defaults (METHOD_DEFAULTS)."""
+
+    name: Literal["byol", "mocov2", "mocov3"] = "byol"
+    projector_hidden_dim: int = Field(ge=1)
+    projection_dim: int = Field(ge=1)
+    predictor_hidden_dim: int = Field(ge=0, description="0: no predictor (MoCo v2)")
+    momentum_base: float = Field(ge=0, le=1, description="EMA coefficient at step 0")
+    momentum_schedule: Literal["cosine", "constant"] = Field(
+        description="cosine: from momentum_base to 1 over training; constant: momentum_base"
     )
+    temperature: float = Field(gt=0, description="InfoNCE temperature (MoCo); unused by BYOL")
+    queue_size: int = Field(ge=0, description="negative keys kept (MoCo v2); 0 for the others")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_method_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        # An unknown name takes BYOL's defaults so that the only error is the name.
+        defaults = METHOD_DEFAULTS.get(data.get("name", "byol"), METHOD_DEFAULTS["byol"])
+        return {**defaults, **data}
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> MethodSpec:
+        if self.name == "mocov2":
+            if self.queue_size == 0:
+                raise ValueError("mocov2 needs method.queue_size > 0")
+            if self.predictor_hidden_dim:
+                raise ValueError("mocov2 has no predictor: set method.predictor_hidden_dim to 0")
+        else:
+            if self.queue_size:
+                raise ValueError(f"{self.name} uses no queue: set method.queue_size to 0")
+            if not self.predictor_hidden_dim:
+                raise ValueError(f"{self.name} needs a predictor: method.predictor_hidden_dim > 0")
+        return self
 
 
 class ResidualMomentumSpec(_Strict):
-    """Residual-momentum term: alpha * mean_v (2 - 2 cos(student_v, sg(teacher_v)))."""
+    """Residual-momentum term: alpha * mean_v distance(student_v, stopgrad(teacher_v))."""
 
     alpha: float = Field(1.0, ge=0, description="weight of the intra-gap term; 0 is the baseline")
-    distance: Literal["cosine"] = "cosine"
+    alpha_schedule: Literal["constant", "warmup", "cosine"] = Field(
+        "constant",
+        description="warmup: linear from 0 over alpha_warmup_epochs; cosine: from alpha down to 0",
+    )
+    alpha_warmup_epochs: float = Field(10.0, ge=0)
+    distance: Literal["cosine", "l2", "kd"] = Field(
+        "cosine",
+        description="cosine: 2 - 2 cos (the paper's); l2: squared distance of raw outputs; "
+        "kd: softmax cross-entropy from teacher to student",
+    )
+    kd_temperature: float = Field(0.1, gt=0, description="softmax temperature of the kd distance")
+    level: Literal["output", "backbone"] = Field(
+        "output", description="output: the layer the SSL loss uses; backbone: pooled features"
+    )
 
 
 class OptimSpec(_Strict):
-    optimizer: Literal["sgd"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    optimizer: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="base learning rate, before lr_scaling")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: lr * batch_size / 256 (Goyal et al., arXiv 1706.02677)"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD and LARS momentum")
     weight_decay: float = Field(1e-4, ge=0)
+    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient")
     batch_size: int = Field(128, ge=2, description="global batch over all ranks")
     epochs: int = Field(10, ge=1)
     warmup_epochs: float = Field(1.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm; none: off")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward pass; fp16 adds a gradient scaler"
+    )
+
+    @property
+    def scaled_lr(self) -> float:
+        """The learning rate actually applied at the end of warm-up."""
+        return self.lr * self.batch_size / 256 if self.lr_scaling == "linear" else self.lr
 
 
 class ProbeSpec(_Strict):
@@ -98,6 +193,10 @@ class RunSpec(_Strict):
     workers: int = Field(2, ge=1, description="DDP workers (Ray Train)")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    sync_bn: bool = Field(True, description="SyncBatchNorm across ranks when DDP runs on GPUs")
+    checkpoint_every: int = Field(
+        5, ge=1, description="epochs between checkpoints; one is also written at the end"
+    )
     experiment: str = Field("resmom", min_length=1, description="MLflow experiment name")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
@@ -123,6 +222,19 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be divisible by "
                 f"run.workers ({self.run.workers})"
+            )
+        if self.model.backbone.startswith("vit") and self.data.resolution % self.model.patch_size:
+            raise ValueError(
+                f"data.resolution ({self.data.resolution}) must be a multiple of "
+                f"model.patch_size ({self.model.patch_size})"
+            )
+        # Each step enqueues the teacher keys of both views of the global batch,
+        # so a queue that is a whole number of such blocks never wraps mid-block.
+        keys_per_step = 2 * self.optim.batch_size
+        if self.method.queue_size % keys_per_step:
+            raise ValueError(
+                f"method.queue_size ({self.method.queue_size}) must be a multiple of "
+                f"2 * optim.batch_size ({keys_per_step}), the keys enqueued per step"
             )
         return self
 
@@ -158,11 +270,11 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
     lines = [f"invalid spec {source}:"]
     for item in error.errors():
         loc = tuple(item["loc"])
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             accepted = _accepted_keys(model, loc)
             message = f"unknown key; accepted keys: {', '.join(accepted)}"
-        lines.append(f"  {_format_location(loc)}: {message}")
+        lines.append(f"  {_format_location(loc)}: {message}" if loc else f"  {message}")
     return "\n".join(lines)
 
 
@@ -222,4 +334,7 @@ def load_job(path: Path, overrides: list[str] | None = None) -> JobSpec:
     raw = read_yaml_mapping(path)
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return validate_job(raw, str(path))
+    source = str(path)
+    if overrides:
+        source += f" with --set {' '.join(overrides)}"
+    return validate_job(raw, source)

@@ -19,7 +19,9 @@ from resmom.specs import AugmentSpec
 _LUMA = (0.299, 0.587, 0.114)
 
 
-def _uniform(low: float, high: float, size: int, generator: torch.Generator, device) -> torch.Tensor:
+def _uniform(
+    low: float, high: float, size: int, generator: torch.Generator, device
+) -> torch.Tensor:
     return low + (high - low) * torch.rand(size, generator=generator, device=device)
 
 
@@ -65,7 +67,9 @@ def random_resized_crop_flip(
     theta[:, 1, 1] = height
     theta[:, 1, 2] = center_y
     grid = F.affine_grid(theta, [B, images.shape[1], size, size], align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -89,7 +93,9 @@ def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", transform, images)
 
 
-def color_jitter(images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+def color_jitter(
+    images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
+) -> torch.Tensor:
     """Jitter brightness, contrast, saturation and hue, each sample with probability `jitter_p`.
 
     NOTE: the four steps run in a fixed order; torchvision draws a random order.
@@ -149,7 +155,9 @@ class TwoViewAugment:
         return self.view(scaled), self.view(scaled)
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> normalized float, for evaluation."""
     m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)

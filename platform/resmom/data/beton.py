@@ -89,7 +89,9 @@ def write_beton(
     _check_arrays(images, labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path(path).unlink(missing_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
     os.close(descriptor)
     try:
         writer = DatasetWriter(
@@ -144,9 +146,13 @@ def check_beton(path: Path, verify_checksum: bool = False) -> dict[str, Any]:
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as exc:
-        raise DataError(f"corrupt manifest {manifest_file}: {exc}; run `rmctl data prepare`") from exc
+        raise DataError(
+            f"corrupt manifest {manifest_file}: {exc}; run `rmctl data prepare`"
+        ) from exc
     if verify_checksum and _sha256(path) != manifest.get("sha256"):
-        raise DataError(f"{path} does not match the checksum in its manifest; run `rmctl data prepare`")
+        raise DataError(
+            f"{path} does not match the checksum in its manifest; run `rmctl data prepare`"
+        )
     return manifest
 
 

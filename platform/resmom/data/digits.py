@@ -33,7 +33,9 @@ class Split:
 def _to_rgb32(pixels: np.ndarray) -> np.ndarray:
     """Scale (N, 64) digits in 0..16 to (N, 32, 32, 3) uint8 with bilinear upsampling."""
     small = torch.from_numpy(pixels.reshape(-1, 1, 8, 8).astype(np.float32) / 16.0)
-    large = F.interpolate(small, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False)
+    large = F.interpolate(
+        small, size=(RESOLUTION, RESOLUTION), mode="bilinear", align_corners=False
+    )
     gray = (large.clamp(0, 1) * 255).round().to(torch.uint8)  # (N, 1, 32, 32)
     return gray.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
 

@@ -31,7 +31,12 @@ def _pipelines(device: torch.device) -> dict[str, list]:
 
 
 def train_loader(
-    path: Path, batch_per_rank: int, seed: int, distributed: bool, threads: int, device: torch.device
+    path: Path,
+    batch_per_rank: int,
+    seed: int,
+    distributed: bool,
+    threads: int,
+    device: torch.device,
 ) -> Loader:
     """Shuffled loader over `path`; under DDP each rank reads its own shard each epoch.
 

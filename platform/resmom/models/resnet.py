@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
-# Blocks per stage (He et al., arXiv 1512.03385).
-STAGES = {"resnet18": (2, 2, 2, 2)}
+# Block type and blocks per stage (He et al., arXiv 1512.03385).
+STAGES: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+}
 
 
 class ResNet(nn.Module):
@@ -45,13 +48,14 @@ class ResNet(nn.Module):
         else:
             raise ValueError(f"unknown stem {stem!r}; accepted: cifar, imagenet")
 
+        block, counts = STAGES[depth]
         stages = []
         in_channels = width
-        for index, blocks in enumerate(STAGES[depth]):
+        for index, blocks in enumerate(counts):
             channels = width * 2**index
             stride = 1 if index == 0 else 2
-            stages.append(self._stage(in_channels, channels, blocks, stride))
-            in_channels = channels
+            stages.append(self._stage(block, in_channels, channels, blocks, stride))
+            in_channels = channels * block.expansion
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = in_channels
@@ -61,14 +65,17 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     @staticmethod
-    def _stage(in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
+    def _stage(block, in_channels: int, channels: int, blocks: int, stride: int) -> nn.Sequential:
+        out_channels = channels * block.expansion
         downsample = None
-        if stride != 1 or in_channels != channels:
+        if stride != 1 or in_channels != out_channels:
             downsample = nn.Sequential(
-                conv1x1(in_channels, channels, stride), nn.BatchNorm2d(channels)
+                conv1x1(in_channels, out_channels, stride), nn.BatchNorm2d(out_channels)
             )
-        layers = [BasicBlock(in_channels, channels, stride, downsample)]
-        layers += [BasicBlock(channels, channels) for _ in range(blocks - 1)]
+        # torchvision's Bottleneck derives its inner width from base_width / 64;
+        # passing 64 keeps it at `channels` whatever the network's width.
+        layers = [block(in_channels, channels, stride, downsample)]
+        layers += [block(out_channels, channels) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -71,9 +71,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     if context.get_world_rank() == 0:
         logger = tracking.MetricsLogger(config["tracking_uri"], config["run_id"])
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch(epoch: int, metrics: dict[str, float], written: Path | None) -> None:
         if logger is not None:
             logger.log(metrics, step=epoch)
+            if written is not None:
+                logger.log_checkpoint(written)
         ray.train.report({"epoch": epoch, **metrics})
 
     fit(
@@ -82,14 +84,26 @@ def _train_worker(config: dict[str, Any]) -> None:
         Path(config["test_path"]),
         ray.train.torch.get_device(),
         on_epoch=on_epoch,
+        checkpoint_dir=Path(config["checkpoint_dir"]),
+        resume=config["resume"],
     )
 
 
-def run_job(spec: JobSpec, data_dir: Path, address: str | None = None) -> JobResult:
-    """Prepare data, open the MLflow run, train with `spec.run.workers` DDP workers, close the run.
+def checkpoint_dir(data_dir: Path, run_id: str) -> Path:
+    return data_dir / "checkpoints" / run_id
+
+
+def run_job(
+    spec: JobSpec, data_dir: Path, address: str | None = None, resume_run_id: str | None = None
+) -> JobResult:
+    """Prepare data, open (or reopen) the MLflow run, train with DDP workers, close the run.
+
+    Args:
+        resume_run_id: continue this MLflow run from its last checkpoint.
 
     Raises:
         RuntimeError: training failed; the MLflow run is marked FAILED.
+        FileNotFoundError: `resume_run_id` has no checkpoint.
     """
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -97,7 +111,13 @@ def run_job(spec: JobSpec, data_dir: Path, address: str | None = None) -> JobRes
     started = time.perf_counter()
     paths = prepare(spec.data.dataset, data_dir)
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
-    run_id = tracking.open_run(spec, tracking_uri, data_dir)
+    if resume_run_id is not None:
+        saved = checkpoint_dir(data_dir, resume_run_id) / "last.pt"
+        if not saved.is_file():
+            raise FileNotFoundError(f"run {resume_run_id} has no checkpoint at {saved}")
+        run_id = tracking.reopen_run(tracking_uri, resume_run_id)
+    else:
+        run_id = tracking.open_run(spec, tracking_uri, data_dir)
     log.info("MLflow run %s in %s", run_id, tracking_uri)
 
     failed = True
@@ -111,6 +131,8 @@ def run_job(spec: JobSpec, data_dir: Path, address: str | None = None) -> JobRes
                 "test_path": str(paths["test"]),
                 "tracking_uri": tracking_uri,
                 "run_id": run_id,
+                "checkpoint_dir": str(checkpoint_dir(data_dir, run_id)),
+                "resume": resume_run_id is not None,
             },
             scaling_config=ScalingConfig(
                 num_workers=spec.run.workers,

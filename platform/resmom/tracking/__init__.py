@@ -89,6 +89,14 @@ def open_run(spec: JobSpec, tracking_uri: str, data_dir: Path) -> str:
     return run.info.run_id
 
 
+def reopen_run(tracking_uri: str, run_id: str) -> str:
+    """Mark an existing run as running again (for resume); return its id."""
+    client = _client(tracking_uri)
+    client.get_run(run_id)  # raises if the run does not exist
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
 def finish_run(tracking_uri: str, run_id: str, failed: bool) -> None:
     _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
@@ -110,3 +118,7 @@ class MetricsLogger:
         timestamp = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_checkpoint(self, path: Path) -> None:
+        """Copy a checkpoint file into the run's artifacts under `checkpoints/`."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")

@@ -6,6 +6,7 @@ callback that receives each epoch's metrics (already reduced over ranks).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -13,22 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from resmom import distributed as dist_utils
-from resmom.data import digits
-from resmom.data.augment import TwoViewAugment, normalize
+from resmom.data.augment import TwoViewAugment
 from resmom.data.loaders import TwoViewBatches, eval_loader, train_loader
+from resmom.data.registry import DATASET_INFO, DatasetInfo
+from resmom.probe.features import extract_features
 from resmom.probe.knn import knn_top1
 from resmom.specs import JobSpec
-from resmom.ssl import byol
 from resmom.ssl.ema import ema_update
-from resmom.train.schedules import cosine_momentum, warmup_cosine_lr
+from resmom.ssl.step import Networks, build, forward_step
+from resmom.train import checkpoint
+from resmom.train.optim import build_optimizer
+from resmom.train.schedules import alpha_at, constant_momentum, cosine_momentum, warmup_cosine_lr
 
 log = logging.getLogger(__name__)
 
-EpochCallback = Callable[[int, dict[str, float]], None]
+# epoch, metrics, checkpoint written this epoch (rank 0) or None.
+EpochCallback = Callable[[int, dict[str, float], Path | None], None]
 
 # Per-step diagnostics averaged over an epoch, in the order they are stacked.
 _STEP_KEYS = (
@@ -41,16 +47,8 @@ _STEP_KEYS = (
     "collapse/embedding_std",
 )
 _EVAL_BATCH = 256
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-DATASET_INFO = {"digits": DatasetInfo(digits.NUM_CLASSES, digits.MEAN, digits.STD)}
+_MOMENTUM_SCHEDULES = {"cosine": cosine_momentum, "constant": constant_momentum}
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class DivergenceError(FloatingPointError):
@@ -60,12 +58,14 @@ class DivergenceError(FloatingPointError):
 @dataclass
 class _State:
     spec: JobSpec
-    student: byol.Student
+    networks: Networks
     model: nn.Module  # the student, wrapped in DDP when distributed
-    teacher: byol.Encoder
     optimizer: torch.optim.Optimizer
+    augment: TwoViewAugment
+    scaler: torch.amp.GradScaler  # a pass-through unless precision is fp16
     steps_per_epoch: int
     step: int = 0
+    epoch: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -74,43 +74,57 @@ class _State:
 
 def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     spec = state.spec
+    networks = state.networks
     warmup_steps = round(spec.optim.warmup_epochs * state.steps_per_epoch)
+    momentum_at = _MOMENTUM_SCHEDULES[spec.method.momentum_schedule]
+    autocast_dtype = _AUTOCAST_DTYPES[spec.optim.precision]
     sums = torch.zeros(len(_STEP_KEYS))
     wait = 0.0
     state.model.train()
-    state.teacher.train()
+    networks.teacher.train()
     started = time.perf_counter()
     ready = started
-    lr = momentum = 0.0
+    lr = momentum = alpha = 0.0
 
     for view_a, view_b, _ in batches:
         wait += time.perf_counter() - ready
 
         # Schedules are functions of the global step, applied before the update.
-        lr = warmup_cosine_lr(state.step, state.total_steps, warmup_steps, spec.optim.lr)
-        momentum = cosine_momentum(state.step, state.total_steps, spec.method.momentum_base)
+        lr = warmup_cosine_lr(state.step, state.total_steps, warmup_steps, spec.optim.scaled_lr)
+        momentum = momentum_at(state.step, state.total_steps, spec.method.momentum_base)
+        alpha = alpha_at(
+            state.step, state.total_steps, state.steps_per_epoch, spec.rm.alpha,
+            spec.rm.alpha_schedule, spec.rm.alpha_warmup_epochs,
+        )  # fmt: skip
         for group in state.optimizer.param_groups:
             group["lr"] = lr
 
-        # Student update on BYOL + alpha * RM.
-        out = byol.forward_step(state.model, state.teacher, view_a, view_b, spec.rm.alpha)
+        # Student update on the SSL loss + alpha * RM.
+        with torch.autocast(
+            view_a.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
+            out = forward_step(
+                state.model, networks.teacher, networks.queue, view_a, view_b, spec, alpha
+            )
         state.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        state.optimizer.step()
+        state.scaler.scale(out.loss).backward()
+        if spec.optim.grad_clip is not None:
+            state.scaler.unscale_(state.optimizer)
+            nn.utils.clip_grad_norm_(networks.student.parameters(), spec.optim.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
 
-        # Teacher follows the student right after the optimizer step.
-        ema_update(state.teacher, state.student.encoder, momentum)
+        # Teacher follows the student right after the optimizer step; the
+        # queue takes this batch's keys only after they served as positives.
+        ema_update(networks.teacher, networks.student.encoder, momentum)
+        if networks.queue is not None:
+            networks.queue.push(out.teacher_keys.flatten(0, 1))
         state.step += 1
 
         values = (
-            out.loss.detach(),
-            out.ssl_loss,
-            out.rm_loss,
-            out.intra_cos,
-            out.inter_cos,
-            out.intra_cos_backbone,
-            out.embedding_std,
-        )
+            out.loss.detach(), out.ssl_loss, out.rm_loss, out.intra_cos,
+            out.inter_cos, out.intra_cos_backbone, out.embedding_std,
+        )  # fmt: skip
         sums += torch.stack(values).float().cpu()
         ready = time.perf_counter()
 
@@ -125,7 +139,7 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
         {
             "sched/lr": lr,
             "sched/momentum": momentum,
-            "sched/alpha": spec.rm.alpha,
+            "sched/alpha": alpha,
             "perf/img_per_s": state.steps_per_epoch * spec.optim.batch_size / slowest,
             "perf/data_wait_frac": wait_frac,
         }
@@ -133,30 +147,16 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     return metrics
 
 
-@torch.no_grad()
-def _features(backbone: nn.Module, loader, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return backbone features and labels of this rank's shard, gathered from all ranks."""
-    features, labels = [], []
-    for images, targets in loader:
-        features.append(backbone(normalize(images, info.mean, info.std)))
-        labels.append(targets.long())
-    local_features = torch.cat(features)
-    local_labels = torch.cat(labels)
-    return dist_utils.all_gather_rows(local_features), dist_utils.all_gather_rows(local_labels)
-
-
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
     probe = state.spec.probe
+    backbones = {
+        "student": state.networks.student.encoder.backbone,
+        "teacher": state.networks.teacher.backbone,
+    }
     accuracy = {}
-    for name, backbone in (
-        ("student", state.student.encoder.backbone),
-        ("teacher", state.teacher.backbone),
-    ):
-        was_training = backbone.training
-        backbone.eval()
-        bank, bank_labels = _features(backbone, bank_loader, info)
-        queries, query_labels = _features(backbone, query_loader, info)
-        backbone.train(was_training)
+    for name, backbone in backbones.items():
+        bank, bank_labels = extract_features(backbone, bank_loader, info)
+        queries, query_labels = extract_features(backbone, query_loader, info)
         accuracy[name] = knn_top1(
             bank,
             bank_labels,
@@ -173,19 +173,68 @@ def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) ->
     }
 
 
+def _checkpoint_payload(state: _State) -> dict:
+    """Everything needed to continue exactly: weights, optimizer, queue, counters, RNG states."""
+    augment_states = [state.augment.generator.get_state()]
+    if dist_utils.is_distributed():
+        # Each rank draws its own augmentations, so every rank's state is kept.
+        augment_states = [None] * dist_utils.world_size()
+        dist.all_gather_object(augment_states, state.augment.generator.get_state())
+    networks = state.networks
+    return {
+        "spec": json.dumps(state.spec.model_dump(mode="json")),
+        "epoch": state.epoch,
+        "step": state.step,
+        "student": networks.student.state_dict(),
+        "teacher": networks.teacher.state_dict(),
+        "queue": networks.queue.state_dict() if networks.queue is not None else {},
+        "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "augment_rng": augment_states,
+    }
+
+
+def _restore(state: _State, payload: dict, rank: int) -> None:
+    networks = state.networks
+    networks.student.load_state_dict(payload["student"])
+    networks.teacher.load_state_dict(payload["teacher"])
+    if networks.queue is not None:
+        networks.queue.load_state_dict(payload["queue"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scaler.load_state_dict(payload["scaler"])
+    torch.set_rng_state(payload["torch_rng"])
+    augment_states = payload["augment_rng"]
+    if len(augment_states) != dist_utils.world_size():
+        raise ValueError(
+            f"checkpoint was written by {len(augment_states)} ranks but {dist_utils.world_size()} "
+            "are running; resume with the same run.workers"
+        )
+    state.augment.generator.set_state(augment_states[rank])
+    state.epoch = payload["epoch"]
+    state.step = payload["step"]
+
+
 def fit(
     spec: JobSpec,
     train_path: Path,
     test_path: Path,
     device: torch.device,
     on_epoch: EpochCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Train `spec` on this process's share of the data; return the last epoch's metrics.
 
     Under an initialized process group the student is wrapped in DDP and
     each rank reads its own shard; otherwise this is plain single-process
-    training. `on_epoch(epoch, metrics)` runs on every rank with the same
-    reduced metrics.
+    training. `on_epoch(epoch, metrics, checkpoint)` runs on every rank with
+    the same reduced metrics.
+
+    Args:
+        checkpoint_dir: where rank 0 writes `last.pt` every
+            `run.checkpoint_every` epochs and after the last; None: no checkpoints.
+        resume: continue from `checkpoint_dir/last.pt` (its spec must match).
     """
     rank, world = dist_utils.rank(), dist_utils.world_size()
     if world != spec.run.workers:
@@ -194,20 +243,21 @@ def fit(
     batch_per_rank = spec.optim.batch_size // world
 
     torch.manual_seed(spec.seed)
-    student, teacher = byol.build(spec)
-    student.to(device)
-    teacher.to(device)
-    model: nn.Module = student
+    networks = build(spec)
+    networks.student.to(device)
+    networks.teacher.to(device)
+    if networks.queue is not None:
+        networks.queue.to(device)
+    if dist_utils.is_distributed() and device.type == "cuda" and spec.run.sync_bn:
+        # BatchNorm statistics over the global batch, as BYOL and MoCo v3 use;
+        # the teacher's too, so both normalize the same way.
+        networks.student = nn.SyncBatchNorm.convert_sync_batchnorm(networks.student)
+        networks.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(networks.teacher)
+    model: nn.Module = networks.student
     if dist_utils.is_distributed():
-        model = DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    optimizer = torch.optim.SGD(
-        student.parameters(),
-        lr=spec.optim.lr,
-        momentum=spec.optim.momentum,
-        weight_decay=spec.optim.weight_decay,
-    )
+        device_ids = [device.index] if device.type == "cuda" else None
+        model = DistributedDataParallel(networks.student, device_ids=device_ids)
+    optimizer = build_optimizer(networks.student, spec.optim)
 
     threads = spec.data.loader_threads
     loader = train_loader(train_path, batch_per_rank, spec.seed, world > 1, threads, device)
@@ -229,25 +279,36 @@ def fit(
     bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device)
     query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device)
 
-    state = _State(spec, student, model, teacher, optimizer, steps_per_epoch=len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.optim.precision == "fp16")
+    state = _State(spec, networks, model, optimizer, augment, scaler, steps_per_epoch=len(loader))
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint directory")
+        _restore(state, checkpoint.load(checkpoint_dir / checkpoint.CHECKPOINT_NAME, spec), rank)
+        # FFCV derives each epoch's order from the seed and its epoch counter.
+        loader.next_epoch = state.epoch
+        log.info("resumed from epoch %d (step %d)", state.epoch, state.step)
+
     metrics: dict[str, float] = {}
-    for epoch in range(1, spec.optim.epochs + 1):
+    while state.epoch < spec.optim.epochs:
         metrics = _train_epoch(state, batches)
+        state.epoch += 1
         metrics.update(_knn_metrics(state, bank_loader, query_loader, info))
+        written = None
+        is_last = state.epoch == spec.optim.epochs
+        if checkpoint_dir is not None and (state.epoch % spec.run.checkpoint_every == 0 or is_last):
+            payload = _checkpoint_payload(state)  # a collective: every rank takes part
+            if rank == 0:
+                written = checkpoint_dir / checkpoint.CHECKPOINT_NAME
+                checkpoint.save(written, payload)
         if rank == 0:
             log.info(
                 "epoch %d/%d  loss %.4f (ssl %.4f, rm %.4f)  intra gap %.4f  "
                 "kNN student %.3f teacher %.3f  %.0f img/s",
-                epoch,
-                spec.optim.epochs,
-                metrics["loss/total"],
-                metrics["loss/ssl"],
-                metrics["loss/rm"],
-                metrics["gap/intra_cos"],
-                metrics["probe/knn_top1_student"],
-                metrics["probe/knn_top1_teacher"],
-                metrics["perf/img_per_s"],
-            )
+                state.epoch, spec.optim.epochs, metrics["loss/total"], metrics["loss/ssl"],
+                metrics["loss/rm"], metrics["gap/intra_cos"], metrics["probe/knn_top1_student"],
+                metrics["probe/knn_top1_teacher"], metrics["perf/img_per_s"],
+            )  # fmt: skip
         if on_epoch is not None:
-            on_epoch(epoch, metrics)
+            on_epoch(state.epoch, metrics, written)
     return metrics

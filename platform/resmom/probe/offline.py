@@ -1,0 +1,63 @@
+"""`rmctl probe`: linear probes of a run's frozen encoders, logged to its MLflow run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from resmom import tracking
+from resmom.data.beton import prepare
+from resmom.data.loaders import eval_loader
+from resmom.data.registry import DATASET_INFO
+from resmom.probe.features import extract_features
+from resmom.probe.linear import fit_linear_probe, top1
+from resmom.specs import validate_job
+from resmom.ssl.step import build
+
+log = logging.getLogger(__name__)
+_BATCH = 256
+
+
+def run_linear_probe(
+    run_id: str, data_dir: Path, tracking_uri: str, checkpoint_path: Path
+) -> dict[str, float]:
+    """Fit a linear probe on frozen student and teacher backbone features; log and return top-1.
+
+    Raises:
+        FileNotFoundError: the run has no checkpoint.
+        RuntimeError: a backbone changed during probing (it must stay frozen).
+    """
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint_path}")
+    payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    spec = validate_job(json.loads(payload["spec"]), source=str(checkpoint_path))
+    info = DATASET_INFO[spec.data.dataset]
+    networks = build(spec)
+    networks.student.load_state_dict(payload["student"])
+    networks.teacher.load_state_dict(payload["teacher"])
+
+    paths = prepare(spec.data.dataset, data_dir)
+    cpu = torch.device("cpu")
+    train = eval_loader(paths["train"], _BATCH, 0, 1, spec.data.loader_threads, cpu)
+    test = eval_loader(paths["test"], _BATCH, 0, 1, spec.data.loader_threads, cpu)
+
+    metrics = {}
+    backbones = {"student": networks.student.encoder.backbone, "teacher": networks.teacher.backbone}
+    for name, backbone in backbones.items():
+        backbone.requires_grad_(False)
+        frozen = {key: value.clone() for key, value in backbone.state_dict().items()}
+        train_features, train_labels = extract_features(backbone, train, info)
+        test_features, test_labels = extract_features(backbone, test, info)
+        head = fit_linear_probe(train_features, train_labels, info.num_classes)
+        metrics[f"probe/linear_top1_{name}"] = top1(head, test_features, test_labels)
+        # A probe that moved the backbone would measure a different network.
+        for key, value in backbone.state_dict().items():
+            if not torch.equal(value, frozen[key]):
+                raise RuntimeError(f"{name} backbone changed during linear probing: {key}")
+        log.info("%s: linear top-1 %.4f", name, metrics[f"probe/linear_top1_{name}"])
+
+    tracking.MetricsLogger(tracking_uri, run_id).log(metrics, step=int(payload["epoch"]))
+    return metrics
