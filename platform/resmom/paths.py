@@ -1,4 +1,4 @@
-"""Where the platform keeps its files: the data folder and what lives in it."""
+"""Paths of the data folder and of the files inside it."""
 
 from __future__ import annotations
 

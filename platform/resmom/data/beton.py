@@ -30,7 +30,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 
 
 class DataError(RuntimeError):
-    """A dataset file that is missing, stale or corrupt; the message says how to fix it."""
+    """A dataset file that is missing, stale or corrupt; the message names the fix."""
 
 
 @dataclass(frozen=True)

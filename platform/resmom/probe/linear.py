@@ -2,7 +2,7 @@
 
 Features of the whole train and test splits are extracted once (no
 augmentation), then a softmax classifier is fit on them with L-BFGS; the
-backbone never sees a gradient.
+backbone receives no gradient.
 """
 
 from __future__ import annotations

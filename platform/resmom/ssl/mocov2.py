@@ -3,9 +3,9 @@
 Queries come from the student, keys from the EMA teacher; negatives are the
 keys of earlier batches kept in a queue.
 
-NOTE: the paper computes the loss in one direction (query view a, key view b);
-here it is symmetrized over both views, as MoCo v3 and most re-implementations
-do, so the residual term has a teacher output for every view at no extra cost.
+NOTE: the paper computes the loss in one direction (query view a, key view b).
+Here it is symmetrized over both views, as MoCo v3 does. That way the
+residual term has a teacher output for every view at no extra cost.
 """
 
 from __future__ import annotations

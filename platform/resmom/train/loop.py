@@ -1,6 +1,6 @@
 """The training loop that every DDP worker runs; also callable in one process.
 
-It knows nothing about Ray or MLflow: the caller passes the device and a
+It imports neither Ray nor MLflow: the caller passes the device and a
 callback that receives each epoch's metrics (already reduced over ranks).
 """
 
