@@ -243,3 +243,33 @@ def test_method_trains_few_steps(method: str, backbone: str, alpha: float):
     assert all(not p.requires_grad for p in networks.teacher.parameters())
     if networks.queue is not None:
         assert int(networks.queue.pointer) == (3 * 16) % 64
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_step_finite(precision: str):
+    torch.manual_seed(0)
+    raw = _tiny_spec("mocov3", "resnet18", 1.0)
+    raw["optim"]["precision"] = precision
+    spec = validate_job(raw)
+    networks = build(spec)
+    view_a, view_b = torch.randn(2, 8, 3, 16, 16).unbind(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16 if precision == "bf16" else torch.float16):
+        out = forward_step(
+            networks.student, networks.teacher, networks.queue, view_a, view_b, spec, 1.0
+        )
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(
+        p.grad is None or torch.isfinite(p.grad).all() for p in networks.student.parameters()
+    )
+
+
+@pytest.mark.parametrize(("stem", "side"), [("cifar", 32), ("imagenet", 64)])
+def test_resnet50_feature_size(stem: str, side: int):
+    from resmom.models.resnet import ResNet
+
+    network = ResNet("resnet50", width=8, stem=stem)
+    features = network(torch.randn(2, 3, side, side))
+    # Bottleneck stages end with 4x their width: 8 * 8 * 4 channels.
+    assert features.shape == (2, 256)
+    assert network.feature_dim == 256

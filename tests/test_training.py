@@ -75,6 +75,9 @@ def test_metrics_finite_and_in_range(gap_runs):
             last["probe/knn_top1_teacher"] - last["probe/knn_top1_student"]
         )
         assert 0 <= last["perf/data_wait_frac"] <= 1
+        # One epoch of 22 steps is too short for the online head to pass
+        # chance reliably, so only its range is checked here.
+        assert 0 <= last["probe/online_top1"] <= 1
         assert last["sched/momentum"] > 0.99
 
 

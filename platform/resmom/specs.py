@@ -187,6 +187,7 @@ class OptimSpec(_Strict):
 class ProbeSpec(_Strict):
     knn_k: int = Field(20, ge=1)
     knn_temperature: float = Field(0.1, gt=0)
+    online_lr: float = Field(0.1, gt=0, description="SGD learning rate of the online linear head")
 
 
 class RunSpec(_Strict):

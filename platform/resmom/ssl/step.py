@@ -56,6 +56,7 @@ class StepOutput:
     intra_cos_backbone: torch.Tensor
     embedding_std: torch.Tensor
     teacher_keys: torch.Tensor  # (V, G, D): the global batch of teacher projections
+    student_features: torch.Tensor  # (V, B, F), detached: input of the online linear probe
 
 
 def forward_step(
@@ -110,4 +111,5 @@ def forward_step(
         intra_cos_backbone=gaps.intra_gap(student_features.detach(), teacher_features),
         embedding_std=gaps.embedding_std(prediction.detach().flatten(0, 1)),
         teacher_keys=teacher_global,
+        student_features=student_features.detach(),
     )

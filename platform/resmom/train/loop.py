@@ -63,6 +63,8 @@ class _State:
     optimizer: torch.optim.Optimizer
     augment: TwoViewAugment
     scaler: torch.amp.GradScaler  # a pass-through unless precision is fp16
+    online_head: nn.Module  # linear classifier on detached student features
+    online_optimizer: torch.optim.Optimizer
     steps_per_epoch: int
     step: int = 0
     epoch: int = 0
@@ -86,7 +88,8 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     ready = started
     lr = momentum = alpha = 0.0
 
-    for view_a, view_b, _ in batches:
+    online_correct = 0.0
+    for view_a, view_b, labels in batches:
         wait += time.perf_counter() - ready
 
         # Schedules are functions of the global step, applied before the update.
@@ -119,6 +122,7 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
         ema_update(networks.teacher, networks.student.encoder, momentum)
         if networks.queue is not None:
             networks.queue.push(out.teacher_keys.flatten(0, 1))
+        online_correct += _online_probe_step(state, out.student_features, labels)
         state.step += 1
 
         values = (
@@ -133,6 +137,8 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     if not torch.isfinite(means).all():
         raise DivergenceError(f"loss is not finite after step {state.step}: {means.tolist()}")
     metrics = dict(zip(_STEP_KEYS, means.tolist(), strict=True))
+    online_top1 = dist_utils.all_reduce_mean(torch.tensor([online_correct / state.steps_per_epoch]))
+    metrics["probe/online_top1"] = online_top1.item()
     slowest = dist_utils.all_reduce_max(torch.tensor([elapsed])).item()
     wait_frac = dist_utils.all_reduce_mean(torch.tensor([wait / elapsed])).item()
     metrics.update(
@@ -145,6 +151,24 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
         }
     )
     return metrics
+
+
+def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Train the online linear head one step on detached student features; return its accuracy.
+
+    The head sees both views, so it reads the features the SSL loss shapes.
+    Gradients are averaged over ranks by hand because the head sits outside DDP.
+    """
+    inputs = features.flatten(0, 1).float()  # (V*B, F)
+    targets = labels.long().repeat(features.shape[0])  # (V*B,), view-major like `inputs`
+    logits = state.online_head(inputs)
+    loss = nn.functional.cross_entropy(logits, targets)
+    state.online_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for parameter in state.online_head.parameters():
+        parameter.grad = dist_utils.all_reduce_mean(parameter.grad)
+    state.online_optimizer.step()
+    return (logits.argmax(1) == targets).float().mean().item()
 
 
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
@@ -190,6 +214,8 @@ def _checkpoint_payload(state: _State) -> dict:
         "queue": networks.queue.state_dict() if networks.queue is not None else {},
         "optimizer": state.optimizer.state_dict(),
         "scaler": state.scaler.state_dict(),
+        "online_head": state.online_head.state_dict(),
+        "online_optimizer": state.online_optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "augment_rng": augment_states,
     }
@@ -203,6 +229,8 @@ def _restore(state: _State, payload: dict, rank: int) -> None:
         networks.queue.load_state_dict(payload["queue"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scaler.load_state_dict(payload["scaler"])
+    state.online_head.load_state_dict(payload["online_head"])
+    state.online_optimizer.load_state_dict(payload["online_optimizer"])
     torch.set_rng_state(payload["torch_rng"])
     augment_states = payload["augment_rng"]
     if len(augment_states) != dist_utils.world_size():
@@ -280,7 +308,19 @@ def fit(
     query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device)
 
     scaler = torch.amp.GradScaler(device.type, enabled=spec.optim.precision == "fp16")
-    state = _State(spec, networks, model, optimizer, augment, scaler, steps_per_epoch=len(loader))
+    feature_dim = networks.student.encoder.backbone.feature_dim
+    # A BatchNorm without parameters first puts the raw features on a common
+    # scale, so that the head learns within a few dozen SGD steps.
+    online_head = nn.Sequential(
+        nn.BatchNorm1d(feature_dim, affine=False), nn.Linear(feature_dim, info.num_classes)
+    ).to(device)
+    online_optimizer = torch.optim.SGD(
+        online_head.parameters(), lr=spec.probe.online_lr, momentum=0.9
+    )
+    state = _State(
+        spec, networks, model, optimizer, augment, scaler, online_head, online_optimizer,
+        steps_per_epoch=len(loader),
+    )  # fmt: skip
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs a checkpoint directory")
