@@ -1,6 +1,6 @@
 """Step time of each method with the residual-momentum term over the same step without it.
 
-Both variants run the same forward passes; the RM term only adds a distance
+Both variants run the same forward passes. The RM term only adds a distance
 on outputs that the SSL loss already computed, so the ratio should be near 1.
 Timings alternate between the variants so that machine noise hits both, and
 the table reports medians. Prints one row per method and writes JSON and

@@ -101,9 +101,9 @@ def test_two_view_loader_yields_independent_views(digits_paths: dict[str, Path])
 def test_full_square_crop_is_identity_and_flip_mirrors():
     images = torch.rand(4, 3, 16, 16)
     generator = torch.Generator().manual_seed(0)
-    kept = random_resized_crop_flip(images, 16, (1.0, 1.0), 0.0, generator, ratio=(1.0, 1.0))
+    unflipped = random_resized_crop_flip(images, 16, (1.0, 1.0), 0.0, generator, ratio=(1.0, 1.0))
     flipped = random_resized_crop_flip(images, 16, (1.0, 1.0), 1.0, generator, ratio=(1.0, 1.0))
-    assert torch.allclose(kept, images, atol=1e-5)
+    assert torch.allclose(unflipped, images, atol=1e-5)
     assert torch.allclose(flipped, images.flip(-1), atol=1e-5)
 
 

@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, results) -> None:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        # Rank r holds r + 1 rows filled with r.
+        # Rank r contributes r + 1 rows filled with r.
         rows = torch.full((rank + 1, 2), float(rank))
         gathered = dist_utils.all_gather_rows(rows)
         mean = dist_utils.all_reduce_mean(torch.tensor([float(rank)]))

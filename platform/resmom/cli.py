@@ -129,13 +129,11 @@ def probe(
     _setup_logging()
     from resmom.orchestrate import checkpoint_dir
     from resmom.probe.offline import run_linear_probe
-    from resmom.tracking import resolve_tracking_uri
 
     directory = resolve_data_dir(data_dir)
-    tracking_uri = resolve_tracking_uri(None, directory)
     saved = checkpoint_dir(directory, run_id) / "last.pt"
     try:
-        metrics = run_linear_probe(run_id, directory, tracking_uri, saved)
+        metrics = run_linear_probe(run_id, directory, saved)
     except (FileNotFoundError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"linear probe of run {run_id}")

@@ -22,20 +22,29 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _on_backend_device(values: torch.Tensor) -> torch.Tensor:
+    """Return a copy of `values` on a device the process group can reduce (CUDA for NCCL)."""
+    if dist.get_backend() == "nccl" and values.device.type != "cuda":
+        return values.to(torch.device("cuda", torch.cuda.current_device()))
+    return values.clone()
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Return the element-wise mean of `values` over ranks (a copy)."""
-    values = values.clone()
-    if is_distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
+    """Return the element-wise mean of `values` over ranks (a copy on the same device)."""
+    if not is_distributed():
+        return values.clone()
+    reduced = _on_backend_device(values)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return (reduced / dist.get_world_size()).to(values.device)
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    values = values.clone()
-    if is_distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
+    """Return the element-wise maximum of `values` over ranks (a copy on the same device)."""
+    if not is_distributed():
+        return values.clone()
+    reduced = _on_backend_device(values)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.to(values.device)
 
 
 def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DATASETS = ("digits",)
-METHODS = ("byol", "mocov2", "mocov3")
-BACKBONES = ("resnet18", "resnet50", "vit_tiny", "vit_small")
 
 
 class SpecError(ValueError):

@@ -1,6 +1,6 @@
 """Batched two-view augmentation on the training device.
 
-FFCV decodes each image once (uint8, NCHW); the views are then made here as
+FFCV decodes each image once (uint8, NCHW). The views are then made here as
 batched tensor operations, each sample and each view with its own random
 parameters. Working on the whole batch at once keeps the per-image Python
 cost at zero and runs on the GPU when training does.
@@ -41,9 +41,9 @@ def random_resized_crop_flip(
 ) -> torch.Tensor:
     """Crop a random area and aspect ratio per sample, flip, and resize to `size`.
 
-    NOTE: torchvision resamples a crop that does not fit inside the image (up
-    to 10 tries, then a center crop); here the sides are clipped to the image
-    instead, which slightly favours square crops at large scales.
+    NOTE: torchvision resamples a crop that does not fit inside the image, up
+    to 10 tries and then a center crop. Here the sides are clipped to the
+    image instead, which slightly favours square crops at large scales.
 
     Args:
         images: (B, C, H, W) float.

@@ -1,9 +1,9 @@
 """Write datasets into FFCV `.beton` files atomically, each with a manifest beside it.
 
-A `.beton` is trusted only when its manifest exists and agrees with the file:
-the writer renames the finished file into place first and the manifest last,
-so an interrupted conversion leaves either nothing or a `.beton` without a
-manifest, which `check_beton` rejects and `prepare` rewrites.
+A `.beton` is trusted only when its manifest exists and agrees with the file.
+The writer renames the finished file into place first and the manifest last.
+An interrupted conversion therefore leaves either nothing or a `.beton`
+without a manifest, which `check_beton` rejects and `prepare` rewrites.
 """
 
 from __future__ import annotations

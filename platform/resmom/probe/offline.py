@@ -21,9 +21,7 @@ log = logging.getLogger(__name__)
 _BATCH = 256
 
 
-def run_linear_probe(
-    run_id: str, data_dir: Path, tracking_uri: str, checkpoint_path: Path
-) -> dict[str, float]:
+def run_linear_probe(run_id: str, data_dir: Path, checkpoint_path: Path) -> dict[str, float]:
     """Fit a linear probe on frozen student and teacher backbone features; log and return top-1.
 
     Raises:
@@ -59,5 +57,7 @@ def run_linear_probe(
                 raise RuntimeError(f"{name} backbone changed during linear probing: {key}")
         log.info("%s: linear top-1 %.4f", name, metrics[f"probe/linear_top1_{name}"])
 
+    # The run's own spec names its tracking server, so the metrics land in the same run.
+    tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
     tracking.MetricsLogger(tracking_uri, run_id).log(metrics, step=int(payload["epoch"]))
     return metrics

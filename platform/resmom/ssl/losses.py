@@ -86,8 +86,8 @@ def mocov3_loss(
     """Return MoCo v3's symmetrized contrastive loss (arXiv 2104.02057).
 
     Each query of view v is contrasted with the keys of the other view over
-    the global batch (gathered from all ranks); its positive is the key of
-    the same image. Each term is scaled by 2 * temperature, as in
+    the global batch, which is gathered from all ranks. Its positive is the
+    key of the same image. Each term is scaled by 2 * temperature, as in
     facebookresearch/moco-v3, and the two directions are summed.
 
     Args:
@@ -108,7 +108,7 @@ def mocov2_loss(
     """Return MoCo v2's InfoNCE against a queue of negatives, symmetrized over the two views.
 
     The positive of the query of view v is the teacher key of the other view
-    of the same image; the negatives are the queued keys of earlier batches.
+    of the same image. The negatives are the queued keys of earlier batches.
 
     Args:
         student: (V=2, B, D) queries.

@@ -1,6 +1,6 @@
 """MoCo v3 (Chen, Xie, He, arXiv 2104.02057): heads and loss.
 
-Like BYOL it has a projector and a predictor; the loss is InfoNCE over the
+Like BYOL it has a projector and a predictor. The loss is InfoNCE over the
 global batch, with the teacher keys gathered from every rank and no queue.
 """
 

@@ -45,6 +45,7 @@ _STEP_KEYS = (
     "gap/inter_cos",
     "gap/intra_cos_backbone",
     "collapse/embedding_std",
+    "probe/online_top1",
 )
 _EVAL_BATCH = 256
 _MOMENTUM_SCHEDULES = {"cosine": cosine_momentum, "constant": constant_momentum}
@@ -80,7 +81,8 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     warmup_steps = round(spec.optim.warmup_epochs * state.steps_per_epoch)
     momentum_at = _MOMENTUM_SCHEDULES[spec.method.momentum_schedule]
     autocast_dtype = _AUTOCAST_DTYPES[spec.optim.precision]
-    sums = torch.zeros(len(_STEP_KEYS))
+    # Sums stay on the training device so that no step waits for a copy to the host.
+    sums = torch.zeros(len(_STEP_KEYS), device=state.augment.mean.device)
     wait = 0.0
     state.model.train()
     networks.teacher.train()
@@ -88,7 +90,6 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     ready = started
     lr = momentum = alpha = 0.0
 
-    online_correct = 0.0
     for view_a, view_b, labels in batches:
         wait += time.perf_counter() - ready
 
@@ -122,23 +123,21 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
         ema_update(networks.teacher, networks.student.encoder, momentum)
         if networks.queue is not None:
             networks.queue.push(out.teacher_keys.flatten(0, 1))
-        online_correct += _online_probe_step(state, out.student_features, labels)
+        online_accuracy = _online_probe_step(state, out.student_features, labels)
         state.step += 1
 
         values = (
             out.loss.detach(), out.ssl_loss, out.rm_loss, out.intra_cos,
-            out.inter_cos, out.intra_cos_backbone, out.embedding_std,
+            out.inter_cos, out.intra_cos_backbone, out.embedding_std, online_accuracy,
         )  # fmt: skip
-        sums += torch.stack(values).float().cpu()
+        sums += torch.stack(values).float()
         ready = time.perf_counter()
 
     elapsed = time.perf_counter() - started
-    means = dist_utils.all_reduce_mean(sums / state.steps_per_epoch)
+    means = dist_utils.all_reduce_mean(sums / state.steps_per_epoch).cpu()
     if not torch.isfinite(means).all():
         raise DivergenceError(f"loss is not finite after step {state.step}: {means.tolist()}")
     metrics = dict(zip(_STEP_KEYS, means.tolist(), strict=True))
-    online_top1 = dist_utils.all_reduce_mean(torch.tensor([online_correct / state.steps_per_epoch]))
-    metrics["probe/online_top1"] = online_top1.item()
     slowest = dist_utils.all_reduce_max(torch.tensor([elapsed])).item()
     wait_frac = dist_utils.all_reduce_mean(torch.tensor([wait / elapsed])).item()
     metrics.update(
@@ -153,10 +152,10 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     return metrics
 
 
-def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tensor) -> float:
+def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Train the online linear head one step on detached student features; return its accuracy.
 
-    The head sees both views, so it reads the features the SSL loss shapes.
+    The head trains on both views, which are the inputs the SSL loss shapes.
     Gradients are averaged over ranks by hand because the head sits outside DDP.
     """
     inputs = features.flatten(0, 1).float()  # (V*B, F)
@@ -168,7 +167,7 @@ def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tens
     for parameter in state.online_head.parameters():
         parameter.grad = dist_utils.all_reduce_mean(parameter.grad)
     state.online_optimizer.step()
-    return (logits.argmax(1) == targets).float().mean().item()
+    return (logits.argmax(1) == targets).float().mean().detach()
 
 
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
