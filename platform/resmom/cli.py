@@ -1,4 +1,4 @@
-"""`rmctl`: validate specs, prepare data, run jobs, open the MLflow UI.
+"""`rmctl`: validate specs, prepare data, run jobs and sweeps, report, open the MLflow UI.
 
 Every command loads and validates its input first and exits with code 2 on
 an invalid spec or argument, before anything starts.
@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from resmom.paths import resolve_data_dir
-from resmom.specs import DATASETS, SpecError, load_job
+from resmom.specs import DATASETS, SpecError, load_job, load_sweep
 
 app = typer.Typer(
     help="Residual-momentum SSL experiments on Ray, FFCV and MLflow.", no_args_is_help=True
@@ -44,6 +44,11 @@ OverrideOption = Annotated[
     typer.Option(
         "--set", help="Override a spec field by dotted path, e.g. --set rm.alpha=0.5; repeatable."
     ),
+]
+
+AddressOption = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance]."),
 ]
 
 EXIT_INVALID = 2
@@ -80,10 +85,7 @@ def run(
     ],
     overrides: OverrideOption = None,
     data_dir: DataDirOption = None,
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address [default: $RAY_ADDRESS or a local instance]."),
-    ] = None,
+    address: AddressOption = None,
     resume: Annotated[
         str | None,
         typer.Option(
@@ -167,6 +169,197 @@ def data_prepare(
         console.print(
             f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes)"
         )
+
+
+def _trial_table(sweep, trials) -> Table:
+    table = Table(title=f"sweep {sweep.name}: {len(trials)} trials")
+    table.add_column("trial")
+    keys = list(dict.fromkeys(key for trial in trials for key in trial.overrides))
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("method")
+    table.add_column("dataset")
+    table.add_column("variant")
+    for trial in trials:
+        values = [_cell(trial.overrides.get(key)) for key in keys]
+        spec = trial.spec
+        table.add_row(trial.key, *values, spec.method.name, spec.data.dataset, spec.variant)
+    return table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _publish_report(record) -> int:
+    """Write the sweep's report, log it to the parent run, print it; return failed trials."""
+    from resmom import tracking
+    from resmom.report.sweep import build_report, rich_table
+
+    folder = Path(record.folder) / "report"
+    report = build_report(record.name, record.tracking_uri, record.parent_run_id, folder)
+    tracking.log_artifact_files(record.tracking_uri, record.parent_run_id, report.files, "report")
+    console.print(rich_table(report.title, report.groups))
+    failed = [row for row in report.rows if row.status == "FAILED"]
+    for row in failed:
+        console.print(f"[red]trial {row.key} failed[/]: {row.error or 'no error recorded'}")
+    console.print(f"Report files: {folder} (also in the MLflow parent run {record.parent_run_id})")
+    return len(failed)
+
+
+@app.command()
+def sweep(
+    spec_file: Annotated[
+        Path | None,
+        typer.Argument(help="Sweep spec (YAML), e.g. sweeps/digits_alpha.yaml."),
+    ] = None,
+    overrides: OverrideOption = None,
+    data_dir: DataDirOption = None,
+    address: AddressOption = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the expanded trials and stop.")
+    ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="Continue the interrupted sweep NAME from Tune's saved state."),
+    ] = None,
+) -> None:
+    """Run every trial of a sweep under Ray Tune (each a Ray Train DDP job), then report.
+
+    Exits with 1 when any trial failed, after the report.
+    """
+    from resmom.orchestrate.sweep import SweepError, load_record, open_sweep, run_sweep
+    from resmom.plan import expand
+
+    directory = resolve_data_dir(data_dir)
+    if (spec_file is None) == (resume is None):
+        raise _fail("give a sweep spec file or --resume NAME, not both", EXIT_INVALID)
+    if resume is not None and overrides:
+        raise _fail("--set cannot change a sweep that is resumed; it keeps its spec", EXIT_INVALID)
+    try:
+        if resume is not None:
+            record = load_record(directory, resume)
+            spec = record.sweep
+        else:
+            spec = load_sweep(spec_file, overrides)
+        trials = expand(spec)
+    except (SpecError, SweepError) as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    console.print(_trial_table(spec, trials))
+    if dry_run:
+        console.print(f"Dry run: {len(trials)} trials, nothing started.")
+        return
+    _setup_logging()
+    try:
+        if resume is None:
+            record = open_sweep(spec, directory)
+    except SweepError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    try:
+        outcome = run_sweep(record, directory, address)
+    except KeyboardInterrupt:
+        raise _fail(
+            f"sweep {spec.name} interrupted; continue it with `rmctl sweep --resume {spec.name}`",
+            130,
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure ends the command with its message
+        raise _fail(f"sweep {spec.name} failed: {exc}") from None
+    console.print(f"Sweep {spec.name} took {outcome.wall_seconds / 60:.1f} min.")
+    if _publish_report(record):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    name: Annotated[str, typer.Argument(help="Sweep name.")],
+    data_dir: DataDirOption = None,
+) -> None:
+    """Tables and plots of a sweep: baseline against RM per dataset and method, over seeds."""
+    from resmom.orchestrate.sweep import SweepError, load_record
+
+    try:
+        record = load_record(resolve_data_dir(data_dir), name)
+    except SweepError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    _publish_report(record)
+
+
+@app.command("ls")
+def list_sweeps(
+    name: Annotated[str | None, typer.Argument(help="Sweep name: list its trials.")] = None,
+    data_dir: DataDirOption = None,
+) -> None:
+    """List sweeps with their trials' statuses, or the trials of sweep NAME."""
+    from resmom.orchestrate.sweep import SweepError, list_records, load_record
+    from resmom.report.sweep import collect
+
+    directory = resolve_data_dir(data_dir)
+    if name is None:
+        records = list_records(directory)
+        if not records:
+            console.print(f"No sweeps in {directory}.")
+            return
+        table = Table(title=f"sweeps in {directory}")
+        for column in ("sweep", "started", "status", "trials", "MLflow parent run"):
+            table.add_column(column)
+        for record in records:
+            rows = collect(record.tracking_uri, record.parent_run_id)
+            counts: dict[str, int] = {}
+            for row in rows:
+                counts[row.status] = counts.get(row.status, 0) + 1
+            total = len(_expand_quietly(record))
+            summary = ", ".join(f"{n} {status.lower()}" for status, n in sorted(counts.items()))
+            table.add_row(
+                record.name,
+                _when(record.created),
+                _parent_status(record),
+                f"{total}: {summary or 'none started'}",
+                record.parent_run_id,
+            )
+        console.print(table)
+        return
+    try:
+        record = load_record(directory, name)
+    except SweepError as exc:
+        raise _fail(str(exc), EXIT_INVALID) from None
+    table = Table(title=f"sweep {name} ({_parent_status(record)})")
+    for column in ("trial", "status", "values", "kNN student", "intra gap", "run", "error"):
+        table.add_column(column)
+    for row in collect(record.tracking_uri, record.parent_run_id):
+        knn = row.metrics.get("probe/knn_top1_student")
+        gap = row.metrics.get("gap/intra_cos")
+        table.add_row(
+            row.key,
+            row.status,
+            ", ".join(filter(None, [f"rm.alpha={row.alpha:g}", f"seed={row.seed}", row.setting])),
+            "-" if knn is None else f"{knn:.2%}",
+            "-" if gap is None else f"{gap:.4f}",
+            row.run_id,
+            (row.error or "")[:80],
+        )
+    console.print(table)
+
+
+def _expand_quietly(record) -> list:
+    from resmom.plan import expand
+
+    return expand(record.sweep)
+
+
+def _parent_status(record) -> str:
+    from resmom import tracking
+
+    return tracking.get_run(record.tracking_uri, record.parent_run_id).info.status
+
+
+def _when(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
 @app.command()

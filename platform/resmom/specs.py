@@ -8,6 +8,7 @@ is the spec that ran.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -192,6 +193,7 @@ class RunSpec(_Strict):
     workers: int = Field(2, ge=1, description="DDP workers (Ray Train)")
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per worker when use_gpu is true")
     sync_bn: bool = Field(True, description="SyncBatchNorm across ranks when DDP runs on GPUs")
     checkpoint_every: int = Field(
         5, ge=1, description="epochs between checkpoints; one is also written at the end"
@@ -277,23 +279,48 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
     return "\n".join(lines)
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key:
-        raise SpecError(f"invalid override {assignment!r}: expected key=value, e.g. rm.alpha=0.5")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"invalid value in override {assignment!r}: {exc}") from exc
+def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set `dotted.key` in a nested mapping in place; a mapping value merges into one there.
+
+    Merging lets a sweep vary several linked fields at once, for example
+    `data: {dataset: stl10, resolution: 96}`, without dropping the siblings
+    that the base job sets in the same section.
+
+    Raises:
+        SpecError: a part of the path exists but is not a mapping.
+    """
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SpecError(f"invalid override {assignment!r}: {part!r} is not a mapping")
+            raise SpecError(f"cannot set {key!r}: {part!r} is not a mapping")
         node = child
-    node[parts[-1]] = value
+    leaf = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        for sub_key, sub_value in value.items():
+            set_path(node[leaf], str(sub_key), sub_value)
+    else:
+        node[leaf] = copy.deepcopy(value)
+
+
+def _parse_value(assignment: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text else None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"invalid value in override {assignment!r}: {exc}") from exc
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `dotted.key=value` override in place; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise SpecError(f"invalid override {assignment!r}: expected key=value, e.g. rm.alpha=0.5")
+    value = _parse_value(assignment, text)
+    try:
+        set_path(raw, key, value)
+    except SpecError as exc:
+        raise SpecError(f"invalid override {assignment!r}: {exc}") from None
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -337,3 +364,155 @@ def load_job(path: Path, overrides: list[str] | None = None) -> JobSpec:
     if overrides:
         source += f" with --set {' '.join(overrides)}"
     return validate_job(raw, source)
+
+
+# ---------------------------------------------------------------------------
+# Sweep specs
+
+
+class Dimension(_Strict):
+    """One searched field: exactly one of `grid`, `choice`, `uniform`, `loguniform`.
+
+    `grid` values are all crossed with each other; the other kinds are drawn
+    `num_samples` times, reproducibly from `sample_seed`.
+    """
+
+    grid: list[Any] | None = Field(None, min_length=1)
+    choice: list[Any] | None = Field(None, min_length=1)
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _check_one(self) -> Dimension:
+        kinds = ("grid", "choice", "uniform", "loguniform")
+        given = [kind for kind in kinds if getattr(self, kind)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of grid, choice, uniform, loguniform"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        for kind in ("uniform", "loguniform"):
+            bounds = getattr(self, kind)
+            if bounds is not None:
+                low, high = bounds
+                if not low < high or (kind == "loguniform" and low <= 0):
+                    floor = "0 < " if kind == "loguniform" else ""
+                    raise ValueError(
+                        f"{kind} needs [low, high] with {floor}low < high, got {list(bounds)}"
+                    )
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k))
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping of trials by Ray Tune; `none` runs every trial to the end."""
+
+    name: Literal["none", "asha"] = "none"
+    metric: str = Field("probe/knn_top1_student", description="metric key ASHA compares")
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1, description="epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TrialResources(_Strict):
+    """Ray Train scaling of every trial; replaces the base job's `run.workers` and friends."""
+
+    workers: int = Field(2, ge=1, description="DDP workers per trial")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="0: train on CPUs")
+
+
+# Job fields that a sweep sets in every trial, from its own fields.
+_SWEEP_OWNED = ("name", "run", "run.experiment", "run.tracking_uri")
+_RESOURCE_FIELDS = ("run.workers", "run.cpus_per_worker", "run.use_gpu", "run.gpus_per_worker")
+
+
+class SweepSpec(_Strict):
+    """A base job, a search space over its fields, seeds, and how Ray Tune runs the trials."""
+
+    name: str = Field(
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="sweep name: MLflow parent run, storage folder, `--resume NAME`",
+    )
+    base: dict[str, Any] = Field(
+        description="the job every trial starts from: a job spec path (relative to the sweep "
+        "file) or an inline job mapping"
+    )
+    fixed: dict[str, Any] = Field(
+        default_factory=dict, description="dotted job field -> value set in every trial"
+    )
+    space: dict[str, Dimension] = Field(
+        default_factory=dict, description="dotted job field -> values to search"
+    )
+    seeds: list[int] = Field([0], min_length=1, description="each configuration runs once per seed")
+    num_samples: int = Field(1, ge=1, description="draws of the choice/uniform/loguniform fields")
+    sample_seed: int = Field(0, ge=0, description="seed of those draws")
+    scheduler: SchedulerSpec = SchedulerSpec()
+    max_concurrent: int = Field(
+        0, ge=0, description="trials at once; 0: as many as the cluster's CPUs and GPUs fit"
+    )
+    resources: TrialResources | None = Field(
+        None, description="per-trial scaling; none: the base job's `run` section"
+    )
+    storage_path: str | None = Field(
+        None, description="folder for Tune's state and the sweep record; default DATA_DIR/sweeps"
+    )
+    experiment: str = Field("resmom-sweeps", min_length=1, description="MLflow experiment")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
+    )
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SweepSpec:
+        for key in [*self.fixed, *self.space]:
+            if key == "seed":
+                raise ValueError("seed: list seeds under `seeds`, not in `fixed` or `space`")
+            if key in _SWEEP_OWNED or (self.resources is not None and key in _RESOURCE_FIELDS):
+                raise ValueError(
+                    f"{key}: the sweep sets this field itself; use `resources`, `experiment` "
+                    "and `tracking_uri` of the sweep spec"
+                )
+        if self.scheduler.name == "asha" and self.max_concurrent == 1:
+            raise ValueError("scheduler asha needs max_concurrent > 1 to compare trials")
+        return self
+
+
+def load_sweep(path: Path, overrides: list[str] | None = None) -> SweepSpec:
+    """Load a sweep spec, read its base job, apply `--set` overrides, validate.
+
+    The base job is read before the overrides, so `--set base.optim.epochs=1`
+    changes the base job of every trial. Trials themselves are validated
+    when the sweep is expanded (`resmom.plan.expand`).
+
+    Raises:
+        SpecError: the file, its base job or a field is invalid.
+    """
+    raw = read_yaml_mapping(path)
+    base = raw.get("base")
+    if isinstance(base, str):
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise SpecError(f"invalid sweep spec {path}: base job file not found: {base_path}")
+        raw["base"] = read_yaml_mapping(base_path)
+    for assignment in overrides or []:
+        key, _, text = assignment.partition("=")
+        section = key.partition(".")[0]
+        if section in ("space", "fixed") and isinstance(raw.get(section), dict | None):
+            # Their keys are dotted job paths themselves: `space.rm.alpha` names
+            # the dimension "rm.alpha", not a nested mapping.
+            entries = raw.get(section) or {}
+            entries[key.removeprefix(f"{section}.")] = _parse_value(assignment, text)
+            raw[section] = entries
+        else:
+            apply_override(raw, assignment)
+    source = str(path)
+    if overrides:
+        source += f" with --set {' '.join(overrides)}"
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc, SweepSpec, source)) from exc

@@ -1,4 +1,4 @@
-"""Ray adapter: the only module that calls Ray (init, Train, reporting).
+"""Ray adapter: the only package that calls Ray (init and Train here, Tune in `sweep`).
 
 Ray's training API has changed across releases; keeping every call here
 means an upgrade touches one file. Written against Ray 2.60 (Train V2).
@@ -57,6 +57,16 @@ def _log_to_stdout() -> None:
         package_log.propagate = False
 
 
+def _quiet_ray_reports() -> None:
+    """Drop Ray Train's INFO line per `ray.train.report`; our epoch line says the same."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a private module; other Ray releases may move it
+        return
+    # Ray names this logger after the module's file path, not its dotted name.
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker: re-validate the spec, train, log from rank 0."""
     import ray.train
@@ -65,6 +75,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from resmom.train.loop import fit
 
     _log_to_stdout()
+    _quiet_ray_reports()
     spec = JobSpec.model_validate(config["spec"])
     context = ray.train.get_context()
     logger = None
@@ -93,6 +104,69 @@ def checkpoint_dir(data_dir: Path, run_id: str) -> Path:
     return data_dir / "checkpoints" / run_id
 
 
+def fit_job(
+    spec: JobSpec,
+    paths: dict[str, Path],
+    tracking_uri: str,
+    run_id: str,
+    data_dir: Path,
+    resume: bool,
+    callbacks: list[Any] | None = None,
+) -> None:
+    """Train `spec` with its DDP workers under Ray Train, logging into MLflow run `run_id`.
+
+    Raises:
+        RuntimeError: a worker failed; the message carries the worker's error.
+    """
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": spec.run.cpus_per_worker}
+    if spec.run.use_gpu:
+        resources["GPU"] = spec.run.gpus_per_worker
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "train_path": str(paths["train"]),
+            "test_path": str(paths["test"]),
+            "tracking_uri": tracking_uri,
+            "run_id": run_id,
+            "checkpoint_dir": str(checkpoint_dir(data_dir, run_id)),
+            "resume": resume,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=spec.run.workers,
+            use_gpu=spec.run.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=f"{spec.name}-{run_id[:8]}",
+            storage_path=str(data_dir / "ray"),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray raises its own error types for worker failures.
+        raise RuntimeError(f"training failed: {_root_message(exc)}") from exc
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {_root_message(result.error)}") from result.error
+
+
+def _root_message(error: BaseException) -> str:
+    """The worker's own exception line from a Ray error, without Ray's traceback snippet."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # Ray's worker-group errors end with the worker's "Type: message" line.
+    return lines[-1] if lines else type(error).__name__
+
+
+def has_checkpoint(data_dir: Path, run_id: str) -> bool:
+    return (checkpoint_dir(data_dir, run_id) / "last.pt").is_file()
+
+
 def run_job(
     spec: JobSpec, data_dir: Path, address: str | None = None, resume_run_id: str | None = None
 ) -> JobResult:
@@ -105,16 +179,13 @@ def run_job(
         RuntimeError: training failed; the MLflow run is marked FAILED.
         FileNotFoundError: `resume_run_id` has no checkpoint.
     """
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = time.perf_counter()
     paths = prepare(spec.data.dataset, data_dir)
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
     if resume_run_id is not None:
-        saved = checkpoint_dir(data_dir, resume_run_id) / "last.pt"
-        if not saved.is_file():
-            raise FileNotFoundError(f"run {resume_run_id} has no checkpoint at {saved}")
+        if not has_checkpoint(data_dir, resume_run_id):
+            folder = checkpoint_dir(data_dir, resume_run_id)
+            raise FileNotFoundError(f"run {resume_run_id} has no checkpoint in {folder}")
         run_id = tracking.reopen_run(tracking_uri, resume_run_id)
     else:
         run_id = tracking.open_run(spec, tracking_uri, data_dir)
@@ -123,29 +194,7 @@ def run_job(
     failed = True
     try:
         init_ray(address)
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config={
-                "spec": spec.model_dump(mode="json"),
-                "train_path": str(paths["train"]),
-                "test_path": str(paths["test"]),
-                "tracking_uri": tracking_uri,
-                "run_id": run_id,
-                "checkpoint_dir": str(checkpoint_dir(data_dir, run_id)),
-                "resume": resume_run_id is not None,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=spec.run.workers,
-                use_gpu=spec.run.use_gpu,
-                resources_per_worker={"CPU": spec.run.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=f"{spec.name}-{run_id[:8]}", storage_path=str(data_dir / "ray")
-            ),
-        )
-        result = trainer.fit()
-        if result.error is not None:
-            raise RuntimeError(f"training failed: {result.error}") from result.error
+        fit_job(spec, paths, tracking_uri, run_id, data_dir, resume=resume_run_id is not None)
         failed = False
     finally:
         tracking.finish_run(tracking_uri, run_id, failed=failed)

@@ -17,6 +17,8 @@ from resmom.paths import local_artifact_root, local_tracking_uri
 from resmom.specs import JobSpec
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# MLflow's UI nests a run under the run whose id this tag holds.
+PARENT_TAG = "mlflow.parentRunId"
 
 
 def resolve_tracking_uri(spec_uri: str | None, data_dir: Path) -> str:
@@ -69,8 +71,18 @@ def ensure_experiment(tracking_uri: str, name: str, data_dir: Path) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
-def open_run(spec: JobSpec, tracking_uri: str, data_dir: Path) -> str:
-    """Create the MLflow run of a job with the resolved spec as params; return its id."""
+def open_run(
+    spec: JobSpec,
+    tracking_uri: str,
+    data_dir: Path,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Create the MLflow run of a job with the resolved spec as params; return its id.
+
+    Args:
+        parent_run_id: nest the run under this one (a sweep's parent run).
+    """
     from mlflow.entities import Param, RunTag
 
     client = _client(tracking_uri)
@@ -82,7 +94,10 @@ def open_run(spec: JobSpec, tracking_uri: str, data_dir: Path) -> str:
         "dataset": spec.data.dataset,
         "seed": str(spec.seed),
         "git_commit": _git_commit(),
+        **(extra_tags or {}),
     }
+    if parent_run_id is not None:
+        tags[PARENT_TAG] = parent_run_id
     run = client.create_run(experiment_id, tags=tags)
     params = [Param(k, v) for k, v in _flatten(spec.model_dump(mode="json")).items()]
     client.log_batch(run.info.run_id, params=params, tags=[RunTag("spec_schema", "job/1")])
@@ -99,6 +114,60 @@ def reopen_run(tracking_uri: str, run_id: str) -> str:
 
 def finish_run(tracking_uri: str, run_id: str, failed: bool) -> None:
     _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def end_run(
+    tracking_uri: str, run_id: str, status: str, tags: dict[str, str] | None = None
+) -> None:
+    """Close a run with an MLflow status (FINISHED, FAILED, KILLED) and optional tags."""
+    client = _client(tracking_uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
+
+
+def delete_run(tracking_uri: str, run_id: str) -> None:
+    """Move a run to MLflow's trash; searches no longer return it."""
+    _client(tracking_uri).delete_run(run_id)
+
+
+def get_run(tracking_uri: str, run_id: str):
+    return _client(tracking_uri).get_run(run_id)
+
+
+def open_sweep_run(
+    name: str, experiment: str, tracking_uri: str, data_dir: Path, tags: dict[str, str]
+) -> str:
+    """Create the parent run of a sweep; its trials nest under it."""
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment, data_dir)
+    all_tags = {"mlflow.runName": name, "role": "sweep", "sweep": name, **tags}
+    all_tags["git_commit"] = _git_commit()
+    return client.create_run(experiment_id, tags=all_tags).info.run_id
+
+
+def child_runs(tracking_uri: str, parent_run: str) -> list:
+    """Every run nested under `parent_run`, oldest first."""
+    client = _client(tracking_uri)
+    experiment_id = client.get_run(parent_run).info.experiment_id
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10_000,
+    )
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of one metric, in step order."""
+    history = _client(tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def log_artifact_files(tracking_uri: str, run_id: str, files: list[Path], folder: str) -> None:
+    client = _client(tracking_uri)
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=folder)
 
 
 def latest_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:

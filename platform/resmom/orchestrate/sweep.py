@@ -1,0 +1,425 @@
+"""Ray Tune adapter for sweeps: one Tune trial per planned trial, each fitting a TorchTrainer.
+
+MLflow is the record of what ran; Tune's saved state is how an interrupted
+sweep continues. Each trial looks up its own child run before training, so
+a trial that Tune runs again (because its state was saved before the trial
+finished) neither trains twice nor opens a second run: a finished trial
+reports its logged metrics and returns, an unfinished one continues from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from resmom import tracking
+from resmom.data.beton import prepare
+from resmom.orchestrate import fit_job, has_checkpoint, init_ray
+from resmom.plan import Trial, expand, fingerprint
+from resmom.specs import JobSpec, SweepSpec
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "sweep.json"
+TUNE_FOLDER = "tune"
+# Longest error text kept in an MLflow tag; MLflow caps tag values at 8000.
+_ERROR_CHARS = 4000
+# Bytes of Ray's memory resource each trial's own process reserves.
+_TRIAL_MEMORY = 64 * 2**20
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start or continue; the message names the remedy."""
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What `--resume`, `rmctl ls` and `rmctl report` need to find a sweep again."""
+
+    name: str
+    fingerprint: str
+    spec: dict[str, Any]
+    parent_run_id: str
+    tracking_uri: str
+    folder: str
+    created: float
+
+    def save(self) -> None:
+        path = Path(self.folder) / RECORD_NAME
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+        os.replace(temporary, path)
+
+    @property
+    def sweep(self) -> SweepSpec:
+        return SweepSpec.model_validate(self.spec)
+
+
+def sweeps_root(data_dir: Path, storage_path: str | None = None) -> Path:
+    return Path(storage_path).expanduser().resolve() if storage_path else data_dir / "sweeps"
+
+
+def load_record(data_dir: Path, name: str) -> SweepRecord:
+    """Find sweep `name` in the data folder.
+
+    Raises:
+        SweepError: no such sweep; the message lists the known ones.
+    """
+    path = sweeps_root(data_dir) / name / RECORD_NAME
+    if not path.is_file():
+        known = ", ".join(record.name for record in list_records(data_dir)) or "none"
+        raise SweepError(f"no sweep named {name!r} in {sweeps_root(data_dir)}; known: {known}")
+    return SweepRecord(**json.loads(path.read_text()))
+
+
+def list_records(data_dir: Path) -> list[SweepRecord]:
+    root = sweeps_root(data_dir)
+    records = [
+        SweepRecord(**json.loads(path.read_text()))
+        for path in sorted(root.glob(f"*/{RECORD_NAME}"))
+    ]
+    return sorted(records, key=lambda record: record.created)
+
+
+def _trial_payload(trial: Trial) -> dict[str, Any]:
+    return {
+        "index": trial.index,
+        "key": trial.key,
+        "overrides": trial.overrides,
+        "spec": trial.spec.model_dump(mode="json"),
+    }
+
+
+def find_trial_run(tracking_uri: str, parent_run_id: str, key: str):
+    """The child run of trial `key` under the sweep's parent run, or None."""
+    matches = [
+        run
+        for run in tracking.child_runs(tracking_uri, parent_run_id)
+        if run.data.tags.get("trial") == key
+    ]
+    return matches[-1] if matches else None
+
+
+def _run_trial(config: dict[str, Any]) -> None:
+    """Tune function trainable: open or find the trial's MLflow run, then fit its trainer."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    context, payload = config["sweep"], config["trial"]
+    spec = JobSpec.model_validate(payload["spec"])
+    tracking_uri, parent = context["tracking_uri"], context["parent_run_id"]
+    data_dir = Path(context["data_dir"])
+
+    existing = find_trial_run(tracking_uri, parent, payload["key"])
+    resume = False
+    if existing is not None and existing.info.status == "FINISHED":
+        tune.report({"epoch": spec.optim.epochs, **existing.data.metrics})
+        return
+    if existing is not None and has_checkpoint(data_dir, existing.info.run_id):
+        run_id, resume = existing.info.run_id, True
+        tracking.reopen_run(tracking_uri, run_id)
+    else:
+        if existing is not None:
+            # Stopped before its first checkpoint: start over in a fresh run,
+            # so the trial keeps one run and each epoch is logged once.
+            tracking.delete_run(tracking_uri, existing.info.run_id)
+        run_id = tracking.open_run(
+            spec,
+            tracking_uri,
+            data_dir,
+            parent_run_id=parent,
+            extra_tags={
+                "role": "trial",
+                "sweep": context["name"],
+                "trial": payload["key"],
+                "trial_overrides": json.dumps(payload["overrides"], sort_keys=True),
+            },
+        )
+    paths = {split: Path(path) for split, path in context["paths"][spec.data.dataset].items()}
+    try:
+        fit_job(
+            spec, paths, tracking_uri, run_id, data_dir, resume, callbacks=[TuneReportCallback()]
+        )
+    except BaseException as exc:
+        tracking.end_run(tracking_uri, run_id, "FAILED", {"error": str(exc)[:_ERROR_CHARS]})
+        raise
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+
+
+class _Progress:
+    """Tune callback printing one line per trial event, with counts and the best so far."""
+
+    def __init__(self, total: int, metric: str, mode: str, describe: dict[str, str]) -> None:
+        self.total, self.metric, self.mode = total, metric, mode
+        self.describe = describe
+        self.done: set[str] = set()
+        self.failed: set[str] = set()
+        self.running: set[str] = set()
+        self.best: tuple[float, str] | None = None
+
+    @staticmethod
+    def key(trial) -> str:
+        return trial.config["trial"]["key"]
+
+    def summary(self) -> str:
+        best = ""
+        if self.best is not None:
+            best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+        return (
+            f"[{len(self.done)}/{self.total} done, {len(self.failed)} failed, "
+            f"{len(self.running)} running{best}]"
+        )
+
+    def started(self, trial) -> None:
+        key = self.key(trial)
+        self.running.add(key)
+        log.info("trial %s started (%s) %s", key, self.describe[key], self.summary())
+
+    def result(self, trial, result: dict[str, Any]) -> None:
+        key, value = self.key(trial), result.get(self.metric)
+        if value is None:
+            return
+        if self.best is None or (value > self.best[0]) == (self.mode == "max"):
+            self.best = (float(value), key)
+        epoch = result.get("epoch", "?")
+        log.info("trial %s epoch %s: %s %.4f", key, epoch, self.metric, value)
+
+    def ended(self, trial, failed: bool) -> None:
+        key = self.key(trial)
+        self.running.discard(key)
+        (self.failed if failed else self.done).add(key)
+        log.info("trial %s %s %s", key, "failed" if failed else "finished", self.summary())
+
+
+def _callback(progress: _Progress):
+    from ray import tune
+
+    class ProgressCallback(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.started(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            progress.result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.ended(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            progress.ended(trial, failed=True)
+
+    return ProgressCallback()
+
+
+def _concurrency(sweep: SweepSpec, spec: JobSpec) -> int:
+    """Trials that fit the cluster at once, or the spec's cap if it is lower.
+
+    Ray Train V2 places a trial's workers outside the Tune trial's own
+    resources, so Tune alone would start every trial and their worker
+    groups would wait for CPUs until Ray Train's start-up timeout. The cap
+    keeps the number of worker groups to what the cluster can place.
+    """
+    import ray
+
+    available = ray.cluster_resources()
+    fits = math.floor(available.get("CPU", 0) / (spec.run.workers * spec.run.cpus_per_worker))
+    if spec.run.use_gpu:
+        gpus = available.get("GPU", 0) / (spec.run.workers * spec.run.gpus_per_worker)
+        fits = min(fits, math.floor(gpus))
+    if fits < 1:
+        need = f"{spec.run.workers} x {spec.run.cpus_per_worker} CPU"
+        if spec.run.use_gpu:
+            need += f" and {spec.run.workers} x {spec.run.gpus_per_worker} GPU"
+        raise SweepError(
+            f"a trial needs {need}, more than the Ray cluster has ({available}); "
+            "lower `resources` in the sweep spec"
+        )
+    if sweep.max_concurrent and sweep.max_concurrent > fits:
+        log.warning(
+            "max_concurrent %d exceeds the %d trials the cluster can place; "
+            "the extra trials would wait for workers",
+            sweep.max_concurrent,
+            fits,
+        )
+        return sweep.max_concurrent
+    return sweep.max_concurrent or fits
+
+
+def _scheduler(sweep: SweepSpec, epochs: int):
+    if sweep.scheduler.name == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=sweep.scheduler.metric,
+        mode=sweep.scheduler.mode,
+        max_t=epochs,
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    record: SweepRecord
+    statuses: dict[str, str]  # trial key -> MLflow status
+    wall_seconds: float
+
+
+def open_sweep(sweep: SweepSpec, data_dir: Path) -> SweepRecord:
+    """Create the sweep's folder, parent MLflow run and record, or return the existing ones.
+
+    Raises:
+        SweepError: a sweep of this name exists with a different spec.
+    """
+    folder = sweeps_root(data_dir, sweep.storage_path) / sweep.name
+    record_file = folder / RECORD_NAME
+    print_hash = fingerprint(sweep)
+    if record_file.is_file():
+        record = SweepRecord(**json.loads(record_file.read_text()))
+        if record.fingerprint != print_hash:
+            raise SweepError(
+                f"sweep {sweep.name!r} already exists in {folder} with a different spec; "
+                f"continue it with `rmctl sweep --resume {sweep.name}`, or give this one "
+                "another name (--set name=...)"
+            )
+        return record
+    tracking_uri = tracking.resolve_tracking_uri(sweep.tracking_uri, data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    parent = tracking.open_sweep_run(
+        sweep.name,
+        sweep.experiment,
+        tracking_uri,
+        data_dir,
+        tags={"sweep_fingerprint": print_hash},
+    )
+    spec_file = folder / "sweep_spec.json"
+    spec_file.write_text(json.dumps(sweep.model_dump(mode="json"), indent=2))
+    tracking.log_artifact_files(tracking_uri, parent, [spec_file], "sweep")
+    record = SweepRecord(
+        name=sweep.name,
+        fingerprint=print_hash,
+        spec=sweep.model_dump(mode="json"),
+        parent_run_id=parent,
+        tracking_uri=tracking_uri,
+        folder=str(folder),
+        created=time.time(),
+    )
+    record.save()
+    return record
+
+
+def run_sweep(record: SweepRecord, data_dir: Path, address: str | None = None) -> SweepOutcome:
+    """Run (or continue) every trial of a sweep under Ray Tune and close its parent run.
+
+    Trials that finished before are not run again; trials that were
+    interrupted continue from their last checkpoint; failed trials stay
+    failed. Returns each trial's final MLflow status.
+    """
+    from ray import tune
+
+    started = time.perf_counter()
+    sweep = record.sweep
+    trials = expand(sweep)
+    datasets = sorted({trial.spec.data.dataset for trial in trials})
+    paths = {
+        name: {split: str(path) for split, path in prepare(name, data_dir).items()}
+        for name in datasets
+    }
+    tracking.reopen_run(record.tracking_uri, record.parent_run_id)
+    init_ray(address)
+
+    context = {
+        "name": sweep.name,
+        "parent_run_id": record.parent_run_id,
+        "tracking_uri": record.tracking_uri,
+        "data_dir": str(data_dir),
+        "paths": paths,
+    }
+    param_space = {
+        "sweep": context,
+        "trial": tune.grid_search([_trial_payload(trial) for trial in trials]),
+    }
+    # The trial function only waits on its trainer; the workers hold the CPUs.
+    # Tune refuses an empty request, so the trial asks for a token of memory.
+    trainable = tune.with_resources(_run_trial, {"CPU": 0, "memory": _TRIAL_MEMORY})
+    metric = sweep.scheduler.metric
+    progress = _Progress(
+        len(trials), metric, sweep.scheduler.mode, {t.key: t.describe() for t in trials}
+    )
+    tune_path = Path(record.folder) / TUNE_FOLDER
+    if tune.Tuner.can_restore(str(tune_path)):
+        log.info("continuing sweep %s from Tune's saved state in %s", sweep.name, tune_path)
+        tuner = tune.Tuner.restore(
+            str(tune_path),
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=False,
+            param_space=param_space,
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=_concurrency(sweep, trials[0].spec),
+                scheduler=_scheduler(sweep, trials[0].spec.optim.epochs),
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_FOLDER,
+                storage_path=record.folder,
+                verbose=0,
+                callbacks=[_callback(progress)],
+            ),
+        )
+    interrupted = True
+    try:
+        tuner.fit()
+        interrupted = False
+    finally:
+        statuses = _close_trials(record, trials, stopped_early=not interrupted)
+        parent_status = "KILLED" if interrupted else "FINISHED"
+        counts = {s: sum(1 for v in statuses.values() if v == s) for s in set(statuses.values())}
+        tracking.end_run(
+            record.tracking_uri,
+            record.parent_run_id,
+            parent_status,
+            {"trials": str(len(trials)), "trial_statuses": json.dumps(counts, sort_keys=True)},
+        )
+    return SweepOutcome(record, statuses, time.perf_counter() - started)
+
+
+def _close_trials(record: SweepRecord, trials: list[Trial], stopped_early: bool) -> dict[str, str]:
+    """Give every trial's MLflow run a final status; return trial key -> status.
+
+    A run still RUNNING after Tune returned was stopped by the scheduler
+    (ASHA) or lost with its actor: it is marked KILLED so that the UI does
+    not show it as running forever. After an interrupted driver, runs are
+    left as they are, because `--resume` continues them.
+    """
+    runs = {
+        run.data.tags.get("trial"): run
+        for run in tracking.child_runs(record.tracking_uri, record.parent_run_id)
+    }
+    statuses = {}
+    for trial in trials:
+        run = runs.get(trial.key)
+        if run is None:
+            statuses[trial.key] = "NOT_STARTED"
+            continue
+        status = run.info.status
+        if status == "RUNNING" and stopped_early:
+            status = "KILLED"
+            tracking.end_run(
+                record.tracking_uri, run.info.run_id, status, {"stopped_early": "true"}
+            )
+        statuses[trial.key] = status
+    return statuses
