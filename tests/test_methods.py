@@ -93,6 +93,18 @@ def test_queue_replaces_oldest_block():
     assert torch.allclose(queue.keys[2:4], torch.full((2, 2), 1 / math.sqrt(2)))
 
 
+def test_loaded_queue_continues_at_its_saved_pointer():
+    saved = KeyQueue(size=6, dim=2)
+    saved.push(torch.ones(2, 2))
+    restored = KeyQueue(size=6, dim=2)
+    restored.push(torch.ones(2, 2))
+    restored.push(torch.ones(2, 2))  # its host copy of the pointer is now 4
+    restored.load_state_dict(saved.state_dict())
+    restored.push(-torch.ones(2, 2))
+    assert int(restored.pointer) == 4
+    assert torch.allclose(restored.keys[2:4], torch.full((2, 2), -1 / math.sqrt(2)))
+
+
 def test_queue_rejects_block_not_dividing_size():
     with pytest.raises(ValueError, match="do not divide"):
         KeyQueue(size=6, dim=2).push(torch.ones(4, 2))

@@ -20,6 +20,13 @@ class KeyQueue(nn.Module):
             raise ValueError(f"queue size must be positive, got {size}")
         self.register_buffer("keys", F.normalize(torch.randn(size, dim), dim=1))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        # A host copy of `pointer`: reading the buffer each step would make the
+        # host wait for the GPU. It is read from the buffer once after a load.
+        self._start: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._start = None
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
@@ -28,6 +35,7 @@ class KeyQueue(nn.Module):
         count = keys.shape[0]
         if size % count:
             raise ValueError(f"{count} keys per step do not divide the queue size {size}")
-        start = int(self.pointer)
+        start = int(self.pointer) if self._start is None else self._start
         self.keys[start : start + count] = F.normalize(keys, dim=1)
-        self.pointer.fill_((start + count) % size)
+        self._start = (start + count) % size
+        self.pointer.fill_(self._start)
