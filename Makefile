@@ -10,7 +10,9 @@ DEB_PACKAGES := pkg-config libopencv-dev libturbojpeg0-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench ui clean-data
+SWEEP ?= sweeps/digits_alpha.yaml
+
+.PHONY: install demo sweep test test-all lint bench ui clean-data
 
 install: $(STAMP)
 
@@ -32,6 +34,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/rmctl run jobs/digits_byol_rm.yaml
 
+sweep: install
+	$(BIN)/rmctl sweep $(SWEEP)
+
 test: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
@@ -49,3 +54,4 @@ clean-data:
 
 bench: install
 	$(BIN)/python bench/rm_overhead.py
+	$(BIN)/python bench/sweep_overhead.py
