@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 SWEEP ?= sweeps/digits_alpha.yaml
 
-.PHONY: install demo sweep test test-all lint bench ui clean-data
+.PHONY: install demo sweep test test-all lint bench bench-sweep ui clean-data
 
 install: $(STAMP)
 
@@ -53,5 +53,8 @@ clean-data:
 	rm -rf data
 
 bench: install
-	$(BIN)/python bench/rm_overhead.py
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/run_all.py
+
+bench-sweep: install
 	$(BIN)/python bench/sweep_overhead.py

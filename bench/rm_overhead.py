@@ -3,10 +3,11 @@
 Both variants run the same forward passes. The RM term only adds a distance
 on outputs that the SSL loss already computed, so the ratio should be near 1.
 Timings alternate between the variants so that machine noise hits both, and
-the table reports medians. Prints one row per method and writes JSON and
+the ratio is the median of per-pair ratios. The RM term's own forward and
+backward are also timed alone. Prints one row per method and writes JSON and
 Markdown under bench/results/.
 
-Usage: python bench/rm_overhead.py [--steps 60] [--batch 64] [--width 16]
+Usage: python bench/rm_overhead.py [--steps 60] [--warmup 3]
 """
 
 from __future__ import annotations
@@ -15,87 +16,33 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from steps import OurStep, StepSetup
 
-from resmom.specs import validate_job
-from resmom.ssl.ema import ema_update
 from resmom.ssl.losses import residual_distance
-from resmom.ssl.step import build, forward_step
-from resmom.train.optim import build_optimizer
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def _spec(method: str, alpha: float, width: int, batch: int):
-    fields: dict = {"name": method, "projector_hidden_dim": 512, "projection_dim": 128}
-    fields["queue_size" if method == "mocov2" else "predictor_hidden_dim"] = (
-        4 * batch if method == "mocov2" else 512
-    )
-    return validate_job(
-        {
-            "name": f"bench-{method}",
-            "model": {"width": width},
-            "method": fields,
-            "rm": {"alpha": alpha},
-            "optim": {"batch_size": batch},
-            "run": {"workers": 1},
-        }
-    )
-
-
-class _Stepper:
-    """One method variant with its own networks and optimizer, stepping on fixed views."""
-
-    def __init__(
-        self, method: str, alpha: float, width: int, batch: int, device: torch.device
-    ) -> None:
-        torch.manual_seed(0)
-        self.spec = _spec(method, alpha, width, batch)
-        self.alpha = alpha
-        self.networks = build(self.spec)
-        self.networks.student.to(device)
-        self.networks.teacher.to(device)
-        if self.networks.queue is not None:
-            self.networks.queue.to(device)
-        self.optimizer = build_optimizer(self.networks.student, self.spec.optim)
-        self.views = torch.randn(2, batch, 3, 32, 32, device=device).unbind(0)
-        self.device = device
-
-    def step(self) -> float:
-        started = time.perf_counter()
-        networks = self.networks
-        out = forward_step(
-            networks.student, networks.teacher, networks.queue, *self.views, self.spec, self.alpha
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
-        ema_update(networks.teacher, networks.student.encoder, 0.99)
-        if networks.queue is not None:
-            networks.queue.push(out.teacher_keys.flatten(0, 1))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
-
-
-def _term_seconds(stepper: _Stepper, batch: int, device: torch.device, repeats: int = 200) -> float:
+def _term_seconds(stepper: OurStep, repeats: int = 200) -> float:
     """Median time of the residual term's own forward and backward on output-sized tensors.
 
     This is the only work RM adds to a step (the baseline computes the same
     outputs), measured without the step's noise around it.
     """
-    spec = stepper.spec
-    dim = spec.method.projection_dim
-    student = torch.randn(2, batch, dim, device=device, requires_grad=True)
-    teacher = torch.randn(2, batch, dim, device=device)
+    spec, setup = stepper.spec, stepper.setup
+    shape = (2, setup.batch, spec.method.projection_dim)
+    student = torch.randn(shape, device=setup.device, requires_grad=True)
+    teacher = torch.randn(shape, device=setup.device)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         term = residual_distance(student, teacher, spec.rm.distance, spec.rm.kd_temperature)
         term.backward()
-        if device.type == "cuda":
+        if setup.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
         student.grad = None
@@ -106,15 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--width", type=int, default=16, help="ResNet-18 first-stage channels")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup = StepSetup.for_device("cuda" if torch.cuda.is_available() else "cpu")
 
     rows = []
     for method in ("byol", "mocov3", "mocov2"):
-        baseline = _Stepper(method, 0.0, args.width, args.batch, device)
-        residual = _Stepper(method, 1.0, args.width, args.batch, device)
+        baseline = OurStep(setup, method, alpha=0.0)
+        residual = OurStep(setup, method, alpha=1.0)
         for _ in range(args.warmup):
             baseline.step()
             residual.step()
@@ -130,7 +75,7 @@ def main() -> None:
             rm_times.append(rm_time)
             pair_ratios.append(rm_time / base_time)
         base_median = statistics.median(base_times)
-        term_ms = 1000 * _term_seconds(residual, args.batch, device)
+        term_ms = 1000 * _term_seconds(residual)
         quartiles = statistics.quantiles(pair_ratios, n=4)
         rows.append(
             {
@@ -150,9 +95,16 @@ def main() -> None:
               f"term alone {term_ms:.2f} ms = {row['term_fraction']:.2%} of a step",
               flush=True)  # fmt: skip
 
-    setup = {"device": str(device), "threads": torch.get_num_threads(), **vars(args)}
+    described = {**asdict(setup), "threads": torch.get_num_threads(), **vars(args)}
+    ratios = [
+        {"name": f"{row['method']} + RM / {row['method']} step", "value": row["ratio"],
+         "target": "<= 1.03"}
+        for row in rows
+    ]  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rm_overhead.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    (RESULTS / "rm_overhead.json").write_text(
+        json.dumps({"setup": described, "rows": rows, "ratios": ratios}, indent=2) + "\n"
+    )
     lines = [
         "| method | baseline step (ms, median) | RM step (ms, median) | RM / baseline "
         "(median of paired ratios, IQR) | RM term alone, forward + backward (share of a step) |",
@@ -165,7 +117,7 @@ def main() -> None:
         for r in rows
     ]
     (RESULTS / "rm_overhead.md").write_text(
-        f"Setup: {json.dumps(setup)}\n\n" + "\n".join(lines) + "\n"
+        f"Setup: {json.dumps(described)}\n\n" + "\n".join(lines) + "\n"
     )
 
 

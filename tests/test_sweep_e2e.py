@@ -88,7 +88,8 @@ def finished_sweep(data_dir: Path, ray_session, clean_env):
 def test_sweep_reports_failed_trials_and_exits_1(finished_sweep):
     result, _, _ = finished_sweep
     assert result.exit_code == 1, result.output
-    assert "trial t001 failed" in result.output and "trial t003 failed" in result.output
+    assert "trial t001 failed" in result.output
+    assert "trial t003 failed" in result.output
     assert "larger than the training split" in result.output
 
 
@@ -142,7 +143,8 @@ def test_ls_lists_the_sweep_and_its_trials(finished_sweep, data_dir):
     runner = CliRunner()
     overview = runner.invoke(app, ["ls", "--data-dir", str(data_dir)], terminal_width=200)
     assert overview.exit_code == 0, overview.output
-    assert "e2e_alpha" in overview.output and "2 failed" in overview.output
+    assert "e2e_alpha" in overview.output
+    assert "2 failed" in overview.output
     trials = runner.invoke(
         app, ["ls", "e2e_alpha", "--data-dir", str(data_dir)], terminal_width=200
     )
@@ -162,7 +164,8 @@ def test_rerun_with_the_same_spec_adds_no_runs(finished_sweep):
     assert after == before
     changed = CliRunner().invoke(app, [*args, "--set", "seeds=[5]"])
     assert changed.exit_code == 2
-    assert "already exists" in changed.output and "--resume e2e_alpha" in changed.output
+    assert "already exists" in changed.output
+    assert "--resume e2e_alpha" in changed.output
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:

@@ -56,7 +56,8 @@ def test_random_draws_are_reproducible_and_in_bounds(tmp_path):
     path = _write(tmp_path, _sweep(space=space, num_samples=5, sample_seed=7))
     first = [t.overrides for t in expand(load_sweep(path))]
     second = [t.overrides for t in expand(load_sweep(path))]
-    assert first == second and len(first) == 5
+    assert first == second
+    assert len(first) == 5
     assert all(0.001 <= o["optim.lr"] <= 0.1 for o in first)
     assert all(0.5 <= o["rm.alpha"] <= 2.0 for o in first)
     assert {o["model.width"] for o in first} <= {8, 16}
@@ -129,7 +130,9 @@ def test_invalid_trial_names_the_trial_and_the_field(tmp_path):
     with pytest.raises(SpecError) as caught:
         expand(load_sweep(path))
     text = str(caught.value)
-    assert "trial 0" in text and "rm.alfa: unknown key" in text and "alpha" in text
+    assert "trial 0" in text
+    assert "rm.alfa: unknown key" in text
+    assert "alpha" in text
 
 
 def test_trial_that_breaks_a_job_rule_is_refused(tmp_path):
@@ -170,7 +173,9 @@ def test_dry_run_prints_the_trials_and_starts_nothing(tmp_path):
     data_dir = tmp_path / "data"
     result = CliRunner().invoke(app, ["sweep", str(path), "--dry-run", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
-    assert "t000" in result.output and "t001" in result.output and "baseline" in result.output
+    assert "t000" in result.output
+    assert "t001" in result.output
+    assert "baseline" in result.output
     assert "Dry run: 2 trials" in result.output
     assert not data_dir.exists()
 
@@ -193,11 +198,14 @@ def test_sweep_cli_argument_rules(tmp_path):
     path = _write(tmp_path, _sweep())
     runner = CliRunner()
     both = runner.invoke(app, ["sweep", str(path), "--resume", "s"])
-    assert both.exit_code == 2 and "not both" in both.output
+    assert both.exit_code == 2
+    assert "not both" in both.output
     unknown = runner.invoke(app, ["sweep", "--resume", "nope", "--data-dir", str(tmp_path)])
-    assert unknown.exit_code == 2 and "no sweep named 'nope'" in unknown.output
+    assert unknown.exit_code == 2
+    assert "no sweep named 'nope'" in unknown.output
     report = runner.invoke(app, ["report", "nope", "--data-dir", str(tmp_path)])
-    assert report.exit_code == 2 and "no sweep named" in report.output
+    assert report.exit_code == 2
+    assert "no sweep named" in report.output
 
 
 def _row(key, alpha, seed, knn, gap, status="FINISHED", setting=""):
@@ -238,3 +246,23 @@ def test_report_compares_within_the_same_setting():
     lonely = next(g for g in groups if g.setting == "optim.lr=0.2")
     assert baseline_of(lonely, groups) is None
     assert isinstance(lonely, Group)
+
+
+def test_asha_scheduler_follows_the_spec(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+
+    from resmom.orchestrate.sweep import _scheduler
+
+    sweep = load_sweep(
+        _write(
+            tmp_path, _sweep(scheduler={"name": "asha", "metric": "gap/intra_cos", "mode": "min"})
+        )
+    )
+    scheduler = _scheduler(sweep, epochs=8)
+    assert isinstance(scheduler, ASHAScheduler)
+    assert scheduler.metric == "gap/intra_cos"
+    # Ray keeps the mode and the time attribute in private fields (Ray 2.60).
+    assert scheduler._mode == "min"
+    assert scheduler._time_attr == "epoch"
+    assert scheduler._max_t == 8
+    assert _scheduler(load_sweep(_write(tmp_path, _sweep())), epochs=8) is None

@@ -55,7 +55,7 @@ def _draw(dimension, rng: random.Random) -> Any:
 
 
 def _run_section(sweep: SweepSpec, base: dict[str, Any]) -> dict[str, Any]:
-    """The `run` fields a sweep imposes on each trial: resources and tracking."""
+    """Return the `run` fields that a sweep sets in each trial: resources and tracking."""
     run: dict[str, Any] = {"experiment": sweep.experiment}
     if sweep.tracking_uri is not None:
         run["tracking_uri"] = sweep.tracking_uri

@@ -58,7 +58,7 @@ def _log_to_stdout() -> None:
 
 
 def _quiet_ray_reports() -> None:
-    """Drop Ray Train's INFO line per `ray.train.report`; our epoch line says the same."""
+    """Silence Ray Train's INFO line per `ray.train.report`, which repeats our epoch line."""
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # a private module; other Ray releases may move it
@@ -155,7 +155,7 @@ def fit_job(
 
 
 def _root_message(error: BaseException) -> str:
-    """The worker's own exception line from a Ray error, without Ray's traceback snippet."""
+    """Return the worker's own exception line from a Ray error, without Ray's traceback."""
     while error.__cause__ is not None:
         error = error.__cause__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -1,11 +1,11 @@
 """Ray Tune adapter for sweeps: one Tune trial per planned trial, each fitting a TorchTrainer.
 
-MLflow is the record of what ran; Tune's saved state is how an interrupted
-sweep continues. Each trial looks up its own child run before training, so
-a trial that Tune runs again (because its state was saved before the trial
-finished) neither trains twice nor opens a second run: a finished trial
-reports its logged metrics and returns, an unfinished one continues from
-its last checkpoint.
+MLflow is the record of what ran, and Tune's saved state is how an
+interrupted sweep continues. Each trial looks up its own child run before
+training. Tune may run a trial again when its state was saved before the
+trial finished. Such a trial then neither trains twice nor opens a second
+run: a finished one reports its logged metrics and returns, and an
+unfinished one continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 RECORD_NAME = "sweep.json"
 TUNE_FOLDER = "tune"
-# Longest error text kept in an MLflow tag; MLflow caps tag values at 8000.
+# Maximum error text kept in an MLflow tag (MLflow 3 caps tag values at 8000 characters).
 _ERROR_CHARS = 4000
 # Bytes of Ray's memory resource each trial's own process reserves.
 _TRIAL_MEMORY = 64 * 2**20
@@ -41,7 +41,7 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class SweepRecord:
-    """What `--resume`, `rmctl ls` and `rmctl report` need to find a sweep again."""
+    """Sweep metadata that `--resume`, `rmctl ls` and `rmctl report` read to find a sweep."""
 
     name: str
     fingerprint: str
@@ -98,7 +98,7 @@ def _trial_payload(trial: Trial) -> dict[str, Any]:
 
 
 def find_trial_run(tracking_uri: str, parent_run_id: str, key: str):
-    """The child run of trial `key` under the sweep's parent run, or None."""
+    """Return the child run of trial `key` under the sweep's parent run, or None."""
     matches = [
         run
         for run in tracking.child_runs(tracking_uri, parent_run_id)
@@ -218,7 +218,7 @@ def _callback(progress: _Progress):
 
 
 def _concurrency(sweep: SweepSpec, spec: JobSpec) -> int:
-    """Trials that fit the cluster at once, or the spec's cap if it is lower.
+    """Return how many trials run at once: the spec's max_concurrent, else what the cluster fits.
 
     Ray Train V2 places a trial's workers outside the Tune trial's own
     resources, so Tune alone would start every trial and their worker
@@ -348,7 +348,7 @@ def run_sweep(record: SweepRecord, data_dir: Path, address: str | None = None) -
         "trial": tune.grid_search([_trial_payload(trial) for trial in trials]),
     }
     # The trial function only waits on its trainer; the workers hold the CPUs.
-    # Tune refuses an empty request, so the trial asks for a token of memory.
+    # Tune rejects an empty request, so the trial reserves a token amount of memory.
     trainable = tune.with_resources(_run_trial, {"CPU": 0, "memory": _TRIAL_MEMORY})
     metric = sweep.scheduler.metric
     progress = _Progress(

@@ -184,7 +184,7 @@ def table_rows(groups: list[Group]) -> list[list[str]]:
 
 
 def rich_table(title: str, groups: list[Group]) -> Table:
-    """The terminal's table: the Markdown one without columns that are empty everywhere."""
+    """Build the terminal table: the Markdown table without the columns that are empty."""
     header, rows = _header(), table_rows(groups)
     keep = [i for i in range(len(header)) if any(row[i] != "-" for row in rows)]
     table = Table(title=title)
@@ -225,7 +225,7 @@ def markdown(title: str, groups: list[Group], rows: list[TrialRow]) -> str:
 
 
 def write_csv(path: Path, groups: list[Group]) -> None:
-    """One row per group with the raw mean, std and delta of every metric."""
+    """Write one CSV row per group with the raw mean, std and delta of every metric."""
     fields = ["dataset", "method", "setting", "alpha", "seeds"]
     for key, _, _ in REPORT_METRICS:
         fields += [f"{key}:mean", f"{key}:std"]
@@ -259,7 +259,7 @@ def _series_name(dataset: str, method: str, setting: str) -> str:
 
 
 def plot_alpha(path: Path, groups: list[Group], keys: tuple[str, ...], ylabel: str) -> None:
-    """Metric against alpha, one line per dataset, method, setting and metric, ± std."""
+    """Plot metrics against alpha: one line per dataset, method, setting and metric, ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +297,7 @@ def plot_alpha(path: Path, groups: list[Group], keys: tuple[str, ...], ylabel: s
 
 
 def plot_gap_over_epochs(path: Path, groups: list[Group], tracking_uri: str) -> None:
-    """`gap/intra_cos` per epoch, mean over seeds, one line per alpha and series."""
+    """Plot `gap/intra_cos` per epoch, averaged over seeds, one line per alpha and series."""
     import matplotlib
 
     matplotlib.use("Agg")

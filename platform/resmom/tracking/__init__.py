@@ -147,7 +147,7 @@ def open_sweep_run(
 
 
 def child_runs(tracking_uri: str, parent_run: str) -> list:
-    """Every run nested under `parent_run`, oldest first."""
+    """Return every run nested under `parent_run`, oldest first."""
     client = _client(tracking_uri)
     experiment_id = client.get_run(parent_run).info.experiment_id
     return client.search_runs(
