@@ -9,8 +9,16 @@ import torch
 
 from resmom.data import digits
 from resmom.data.augment import TwoViewAugment, random_resized_crop_flip
-from resmom.data.beton import DataError, check_beton, manifest_path, prepare, write_beton
+from resmom.data.beton import (
+    ConversionOptions,
+    DataError,
+    check_beton,
+    manifest_path,
+    prepare,
+    write_beton,
+)
 from resmom.data.loaders import eval_loader, train_loader
+from resmom.data.sources import ArraySource, check_source
 from resmom.specs import AugmentSpec
 
 CPU = torch.device("cpu")
@@ -49,10 +57,17 @@ def test_prepare_reuses_valid_files(digits_paths: dict[str, Path], data_dir: Pat
     assert digits_paths["train"].stat().st_mtime_ns == before
 
 
+def _arrays(images: np.ndarray, labels: np.ndarray) -> ArraySource:
+    return ArraySource(images, labels, tuple(str(c) for c in range(10)), "test arrays")
+
+
+RAW = ConversionOptions("raw")
+
+
 def test_missing_manifest_rejected_and_rewritten(tmp_path: Path):
     images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
     path = tmp_path / "small.beton"
-    write_beton(path, images, np.arange(12) % 3, source="test")
+    write_beton(path, _arrays(images, np.arange(12) % 3), RAW)
     manifest_path(path).unlink()
     with pytest.raises(DataError, match="conversion did not finish"):
         check_beton(path)
@@ -61,7 +76,7 @@ def test_missing_manifest_rejected_and_rewritten(tmp_path: Path):
 def test_checksum_mismatch_rejected(tmp_path: Path):
     images = np.zeros((4, 8, 8, 3), dtype=np.uint8)
     path = tmp_path / "small.beton"
-    write_beton(path, images, np.arange(4), source="test")
+    write_beton(path, _arrays(images, np.arange(4)), RAW)
     with path.open("r+b") as handle:
         handle.seek(-1, 2)
         handle.write(b"\x01")
@@ -69,17 +84,24 @@ def test_checksum_mismatch_rejected(tmp_path: Path):
         check_beton(path, verify_checksum=True)
 
 
-def test_write_rejects_bad_arrays_and_leaves_nothing(tmp_path: Path):
+def test_check_rejects_bad_arrays(tmp_path: Path):
+    with pytest.raises(DataError, match="uint8"):
+        check_source(_arrays(np.zeros((4, 8, 8, 3), dtype=np.float32), np.arange(4)))
+
+
+def test_write_fails_on_bad_sample_and_leaves_nothing(tmp_path: Path):
+    # Unchecked float images reach the writer, which must fail instead of hanging.
     path = tmp_path / "bad.beton"
     with pytest.raises(DataError, match="uint8"):
-        write_beton(path, np.zeros((4, 8, 8, 3), dtype=np.float32), np.arange(4), source="test")
+        write_beton(path, _arrays(np.zeros((4, 8, 8, 3), dtype=np.float32), np.arange(4)), RAW)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_records_versions(digits_paths: dict[str, Path]):
     manifest = json.loads(manifest_path(digits_paths["test"]).read_text())
-    assert set(manifest["versions"]) == {"ffcv", "numpy", "resmom"}
-    assert manifest["source"] == "digits:test"
+    assert set(manifest["versions"]) == {"ffcv", "numpy", "pillow", "resmom"}
+    assert manifest["source"] == "sklearn.datasets.load_digits test"
+    assert manifest["options"] == {"write_mode": "raw", "max_resolution": None, "jpeg_quality": 90}
 
 
 def test_two_view_loader_yields_independent_views(digits_paths: dict[str, Path]):

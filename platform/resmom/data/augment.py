@@ -122,6 +122,68 @@ def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator)
     return torch.where(apply, _luma(images).expand_as(images), images)
 
 
+def blur_kernel_size(size: int, fraction: float) -> int:
+    """Return the odd kernel side nearest to `fraction * size`, at least 3."""
+    return max(3, round(fraction * size) // 2 * 2 + 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each sample with its own standard deviation, as two 1-D convolutions.
+
+    Borders are reflected, as in torchvision's `gaussian_blur`.
+
+    Args:
+        images: (B, C, H, W) float.
+        sigma: (B,) standard deviations in pixels.
+    Returns:
+        (B, C, H, W) float.
+    """
+    B, C, H, W = images.shape
+    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype)
+    offsets = offsets - (kernel_size - 1) / 2
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)
+    kernel = kernel.repeat_interleave(C, dim=0)  # (B*C, K): one filter per sample and channel
+    pad = kernel_size // 2
+    # Grouped convolution: every (sample, channel) plane is its own group.
+    planes = images.reshape(1, B * C, H, W)
+    planes = F.pad(planes, (pad, pad, 0, 0), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    planes = F.pad(planes, (0, 0, pad, pad), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return planes.view(B, C, H, W)
+
+
+def random_gaussian_blur(
+    images: torch.Tensor,
+    p: float,
+    sigma_range: tuple[float, float],
+    kernel_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Blur each sample with probability `p` and a standard deviation drawn from `sigma_range`."""
+    B, device = images.shape[0], images.device
+    apply = torch.rand(B, generator=generator, device=device) < p
+    sigma = _uniform(sigma_range[0], sigma_range[1], B, generator, device)
+    if not apply.any():
+        return images
+    # Only the selected samples are convolved; BYOL's second view blurs 10% of them.
+    selected = apply.nonzero().squeeze(1)
+    out = images.clone()
+    out[selected] = gaussian_blur(images[selected], sigma[selected], kernel_size)
+    return out
+
+
+def random_solarize(
+    images: torch.Tensor, p: float, threshold: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Invert pixels at or above `threshold` (images in [0, 1]) of a sample with probability `p`."""
+    B = images.shape[0]
+    apply = (torch.rand(B, generator=generator, device=images.device) < p).view(B, 1, 1, 1)
+    solarized = torch.where(images >= threshold, 1 - images, images)
+    return torch.where(apply, solarized, images)
+
+
 class TwoViewAugment:
     """Turn a decoded uint8 batch into two independently augmented, normalized views."""
 
@@ -140,19 +202,26 @@ class TwoViewAugment:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.kernel_size = blur_kernel_size(size, spec.blur_kernel_fraction)
 
-    def view(self, images: torch.Tensor) -> torch.Tensor:
+    def view(self, images: torch.Tensor, index: int) -> torch.Tensor:
+        """Make view `index` (0 or 1) of (B, 3, H, W) images in [0, 1], in BYOL's order."""
+        spec = self.spec
         out = random_resized_crop_flip(
-            images, self.size, self.spec.crop_scale, self.spec.flip_p, self.generator
+            images, self.size, spec.crop_scale, spec.flip_p, self.generator
         )
-        out = color_jitter(out, self.spec, self.generator)
-        out = random_grayscale(out, self.spec.grayscale_p, self.generator)
+        out = color_jitter(out, spec, self.generator)
+        out = random_grayscale(out, spec.grayscale_p, self.generator)
+        out = random_gaussian_blur(
+            out, spec.blur_p[index], spec.blur_sigma, self.kernel_size, self.generator
+        )
+        out = random_solarize(out, spec.solarize_p[index], spec.solarize_threshold, self.generator)
         return (out - self.mean) / self.std
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) uint8 -> two (B, 3, size, size) float views."""
         scaled = images.float().div_(255)
-        return self.view(scaled), self.view(scaled)
+        return self.view(scaled, 0), self.view(scaled, 1)
 
 
 def normalize(

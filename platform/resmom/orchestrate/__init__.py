@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from resmom import tracking
-from resmom.data.beton import prepare
+from resmom.data.beton import prepare, spec_options
 from resmom.specs import JobSpec
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def run_job(
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
-    paths = prepare(spec.data.dataset, data_dir)
+    paths = prepare(spec.data.dataset, data_dir, options=spec_options(spec.data))
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
     if resume_run_id is not None:
         saved = checkpoint_dir(data_dir, resume_run_id) / "last.pt"
