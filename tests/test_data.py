@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from resmom.data import digits
-from resmom.data.augment import TwoViewAugment, random_resized_crop_flip
+from resmom.data.augment import (
+    TwoViewAugment,
+    blur_kernel_size,
+    gaussian_blur,
+    random_gaussian_blur,
+    random_resized_crop_flip,
+    random_solarize,
+)
 from resmom.data.beton import (
     ConversionOptions,
     DataError,
@@ -143,3 +150,64 @@ def test_augment_reproducible_from_seed():
     second = TwoViewAugment(AugmentSpec(), 16, (0.0,) * 3, (1.0,) * 3, seed=3, device=CPU)(images)
     assert torch.equal(first[0], second[0])
     assert torch.equal(first[1], second[1])
+
+
+def test_blur_matches_torchvision_per_sample():
+    from torchvision.transforms.functional import gaussian_blur as reference_blur
+
+    images = torch.rand(3, 3, 20, 24)
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    blurred = gaussian_blur(images, sigma, kernel_size=7)
+    for index in range(3):
+        expected = reference_blur(images[index], [7, 7], [sigma[index].item()] * 2)
+        torch.testing.assert_close(blurred[index], expected, atol=1e-5, rtol=0)
+
+
+def test_blur_probability_zero_and_one():
+    images = torch.rand(8, 3, 16, 16)
+    generator = torch.Generator().manual_seed(0)
+    unchanged = random_gaussian_blur(images, 0.0, (0.1, 2.0), 3, generator)
+    changed = random_gaussian_blur(images, 1.0, (1.0, 2.0), 3, generator)
+    assert torch.equal(unchanged, images)
+    assert (changed - images).abs().amax(dim=(1, 2, 3)).min() > 0.05
+
+
+def test_blur_kernel_size_rule():
+    assert blur_kernel_size(224, 0.1) == 23  # BYOL's 23x23 kernel at 224 pixels
+    assert blur_kernel_size(32, 0.1) == 3
+    assert blur_kernel_size(96, 0.1) == 11
+
+
+def test_solarize_inverts_pixels_above_threshold():
+    images = torch.tensor([0.1, 0.49, 0.5, 0.9]).view(1, 1, 1, 4)
+    generator = torch.Generator().manual_seed(0)
+    solarized = random_solarize(images, 1.0, 0.5, generator)
+    torch.testing.assert_close(solarized.flatten(), torch.tensor([0.1, 0.49, 0.5, 0.1]))
+    assert torch.equal(random_solarize(images, 0.0, 0.5, generator), images)
+
+
+def test_blur_and_solarize_probability_per_view():
+    # Only blur on view a and only solarization on view b; everything else off.
+    spec = AugmentSpec(
+        crop_scale=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+        blur_p=(1.0, 0.0), blur_sigma=(2.0, 2.0), solarize_p=(0.0, 1.0),
+    )  # fmt: skip
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    augment = TwoViewAugment(spec, 16, (0.0,) * 3, (1.0,) * 3, seed=0, device=CPU)
+    augment.kernel_size = 5
+    view_a, view_b = augment(images)
+    crops = random_resized_crop_flip(
+        images.float() / 255, 16, (1.0, 1.0), 0.0, torch.Generator().manual_seed(0)
+    )
+    # A full-area crop with a random aspect ratio is not the identity, so the
+    # check compares statistics that blur and solarization change.
+    assert view_a.std() < 0.8 * crops.std()
+    assert view_b.max() <= 0.5 + 1e-6
+
+
+def test_eval_loader_center_crop_shape(digits_paths: dict[str, Path]):
+    loader = eval_loader(digits_paths["test"], 50, 0, 1, 1, CPU, resolution=24, crop_fraction=0.875)
+    images, labels = next(iter(loader))
+    assert images.shape == (50, 3, 24, 24)
+    assert images.dtype == torch.uint8
+    assert labels.shape == (50,)

@@ -326,8 +326,8 @@ def prepare(
         except DataError as exc:
             if _needs_source(dataset) and source is None:
                 raise DataError(
-                    f"{exc}\n{dataset} must be converted from its files first: "
-                    f"`rmctl data prepare {dataset} --source PATH`"
+                    f"{dataset} is not prepared in {data_dir} ({exc}); convert it from its "
+                    f"files with `rmctl data prepare {dataset} --source PATH`"
                 ) from exc
 
     from resmom.data import catalog

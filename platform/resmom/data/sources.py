@@ -122,13 +122,17 @@ def load_rgb(path: str, draft_size: int | None = None) -> np.ndarray:
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that rebuilds numpy arrays and plain containers only.
 
-    A pickle can run any code it names, so the CIFAR files may reference
-    nothing but the numpy functions that rebuild an array.
+    A pickle can call any function it names, so the CIFAR files may name
+    only the functions that rebuild numpy arrays, scalars and bytes.
     """
 
+    # Protocol 2 pickles written by Python 3 rebuild bytes with _codecs.encode.
     _ALLOWED = {
+        ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("copy_reg", "_reconstructor"),
