@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from resmom.data.registry import DATASETS, dataset_info, is_known_dataset
 
@@ -102,17 +109,24 @@ class DataSpec(_Strict):
         if not isinstance(data, dict):
             return data
         name = data.get("dataset", "digits")
-        if not isinstance(name, str) or not is_known_dataset(name):
-            raise ValueError(
-                f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}, imagefolder:PATH"
-            )
-        info = dataset_info(name)
+        # An unknown name takes digits' defaults so that the only error is the name.
+        known = isinstance(name, str) and is_known_dataset(name)
+        info = dataset_info(name if known else "digits")
         defaults = {
             "resolution": info.resolution,
             "write_mode": info.write_mode,
             "max_resolution": info.max_resolution,
         }
         return {**defaults, **data}
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, name: str) -> str:
+        if not is_known_dataset(name):
+            raise ValueError(
+                f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}, imagefolder:PATH"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check_split(self) -> DataSpec:
