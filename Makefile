@@ -49,3 +49,4 @@ clean-data:
 
 bench: install
 	$(BIN)/python bench/rm_overhead.py
+	$(BIN)/python bench/data_pipeline.py
