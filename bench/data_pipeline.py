@@ -111,19 +111,19 @@ def measure_ours(path: Path, args: argparse.Namespace, torch_threads: int) -> di
 
     def two_views() -> int:
         count = 0
-        for images, _ in epoch():
-            view_a, view_b = augment(images)
+        for images, _, aspects in epoch():
+            view_a, view_b = augment(images, aspects)
             count += len(view_a)
         return count
 
     def decode_only() -> int:
-        return sum(len(images) for images, _ in epoch())
+        return sum(len(images) for images, _, _ in epoch())
 
-    batch = next(epoch())[0]
+    batch, _, batch_aspects = next(epoch())
 
     def augment_only() -> int:
         for _ in range(len(loader)):
-            augment(batch)
+            augment(batch, batch_aspects)
         return len(loader) * args.batch
 
     rate, rates = _median_rate(two_views, args.epochs)

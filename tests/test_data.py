@@ -11,6 +11,7 @@ from resmom.data import digits
 from resmom.data.augment import (
     TwoViewAugment,
     blur_kernel_size,
+    crop_sides,
     gaussian_blur,
     random_gaussian_blur,
     random_resized_crop_flip,
@@ -116,10 +117,11 @@ def test_two_view_loader_yields_independent_views(digits_paths: dict[str, Path])
         digits_paths["train"], 64, seed=0, distributed=False, threads=1, device=CPU
     )
     augment = TwoViewAugment(AugmentSpec(), 32, digits.MEAN, digits.STD, seed=0, device=CPU)
-    images, labels = next(iter(loader))
-    view_a, view_b = augment(images)
+    images, labels, aspects = next(iter(loader))
+    view_a, view_b = augment(images, aspects)
     assert images.shape == (64, 3, 32, 32)
     assert labels.shape == (64,)
+    assert torch.equal(aspects, torch.ones(64, dtype=aspects.dtype))
     assert view_a.shape == view_b.shape == (64, 3, 32, 32)
     assert view_a.dtype == torch.float32
     assert not torch.allclose(view_a, view_b)
@@ -211,3 +213,23 @@ def test_eval_loader_center_crop_shape(digits_paths: dict[str, Path]):
     assert images.shape == (50, 3, 24, 24)
     assert images.dtype == torch.uint8
     assert labels.shape == (50,)
+
+
+def test_crop_sides_keep_original_proportions():
+    # A 2:1 image squashed into a square: a square crop of half its area is
+    # its full height and half its width.
+    area, aspect = torch.tensor([0.5, 0.2]), torch.tensor([1.0, 1.5])
+    width, height = crop_sides(area, aspect, torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(width, torch.tensor([0.5, (0.2 * 1.5 / 2) ** 0.5]))
+    torch.testing.assert_close(height, torch.tensor([1.0, (0.2 * 2 / 1.5) ** 0.5]))
+    # In original pixels the area fraction is width * height, the aspect ratio 2 * width / height.
+    torch.testing.assert_close(width * height, area)
+    torch.testing.assert_close(2 * width / height, aspect)
+
+
+def test_crop_sides_square_source_unchanged():
+    area, aspect = torch.tensor([0.3]), torch.tensor([0.8])
+    width, height = crop_sides(area, aspect, None)
+    same_width, same_height = crop_sides(area, aspect, torch.tensor([1.0]))
+    assert torch.equal(width, same_width)
+    assert torch.equal(height, same_height)

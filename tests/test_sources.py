@@ -214,8 +214,9 @@ def test_stl10_round_trip_with_unlabeled_segment(tmp_path: Path):
     # Training can read the unlabeled segment, whose labels are -1.
     loader = train_loader(paths["train"], 4, seed=0, distributed=False, threads=1, device=CPU,
                           split="unlabeled")  # fmt: skip
-    batch, labels = next(iter(loader))
+    batch, labels, aspects = next(iter(loader))
     assert labels.tolist() == [-1] * 4
+    assert aspects.tolist() == [1.0] * 4
     stored = {image.tobytes() for image in expected["unlabeled"][0]}
     assert {image.permute(1, 2, 0).numpy().tobytes() for image in batch} == stored
     both = train_loader(paths["train"], 7, seed=0, distributed=False, threads=1, device=CPU,
@@ -258,8 +259,10 @@ def test_imagefolder_jpg_close_and_fixed_size(tmp_path: Path):
         assert image[:, -1].mean() > image[:, 0].mean()
     loader = train_loader(paths["train"], 4, seed=0, distributed=False, threads=1, device=CPU,
                           resolution=16, expected=ConversionOptions("jpg", 32, 95))  # fmt: skip
-    batch, _ = next(iter(loader))
+    batch, _, aspects = next(iter(loader))
     assert batch.shape == (4, 3, 19, 19)  # 16 * 256 / 224, rounded up
+    # The source images are 48x40 and 37x23.
+    assert set(aspects.tolist()) <= {48 / 40, 37 / 23}
 
 
 def test_tinyimagenet_round_trip(tmp_path: Path):
@@ -347,7 +350,7 @@ def test_bad_image_named_and_nothing_written(tmp_path: Path, damage: str):
 def test_empty_class_folder_named(tmp_path: Path):
     write_imagefolder(tmp_path / "tree")
     (tmp_path / "tree" / "train" / "wasp").mkdir()
-    with pytest.raises(DataError, match="class folder .*wasp holds no images"):
+    with pytest.raises(DataError, match="class folder .*wasp contains no images"):
         prepare("imagenet", tmp_path / "data", source=tmp_path / "tree")
     _assert_nothing_written(tmp_path / "data")
 

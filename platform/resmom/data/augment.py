@@ -31,6 +31,23 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
+def crop_sides(
+    area: torch.Tensor, aspect: torch.Tensor, source_aspect: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return crop width and height as fractions of the image's width and height.
+
+    Args:
+        area: (B,) crop area as a fraction of the original image's area.
+        aspect: (B,) crop width over height, in the original image's pixels.
+        source_aspect: (B,) width over height of the original image, which may
+            have been resized into the square it is cropped from; None: 1.
+    """
+    relative = aspect if source_aspect is None else aspect / source_aspect.to(aspect.dtype)
+    width = torch.sqrt(area * relative).clamp(max=1.0)
+    height = torch.sqrt(area / relative).clamp(max=1.0)
+    return width, height
+
+
 def random_resized_crop_flip(
     images: torch.Tensor,
     size: int,
@@ -38,6 +55,7 @@ def random_resized_crop_flip(
     flip_p: float,
     generator: torch.Generator,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    source_aspect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crop a random area and aspect ratio per sample, flip, and resize to `size`.
 
@@ -47,16 +65,17 @@ def random_resized_crop_flip(
 
     Args:
         images: (B, C, H, W) float.
+        source_aspect: (B,) width over height of each original image. Area
+            and aspect ratio are drawn in its pixels even when the decoder
+            squashed it into (H, W).
     Returns:
         (B, C, size, size) float.
     """
     B, device = images.shape[0], images.device
     area = _uniform(scale[0], scale[1], B, generator, device)
     log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), B, generator, device)
-    aspect = torch.exp(log_ratio)
     # Sides as fractions of the image side; affine_grid spans [-1, 1].
-    width = torch.sqrt(area * aspect).clamp(max=1.0)
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    width, height = crop_sides(area, torch.exp(log_ratio), source_aspect)
     center_x = (1 - width) * _uniform(-1, 1, B, generator, device)
     center_y = (1 - height) * _uniform(-1, 1, B, generator, device)
     flip = torch.where(torch.rand(B, generator=generator, device=device) < flip_p, -1.0, 1.0)
@@ -204,12 +223,15 @@ class TwoViewAugment:
         self.generator.manual_seed(seed)
         self.kernel_size = blur_kernel_size(size, spec.blur_kernel_fraction)
 
-    def view(self, images: torch.Tensor, index: int) -> torch.Tensor:
+    def view(
+        self, images: torch.Tensor, index: int, source_aspect: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Make view `index` (0 or 1) of (B, 3, H, W) images in [0, 1], in BYOL's order."""
         spec = self.spec
         out = random_resized_crop_flip(
-            images, self.size, spec.crop_scale, spec.flip_p, self.generator
-        )
+            images, self.size, spec.crop_scale, spec.flip_p, self.generator,
+            source_aspect=source_aspect,
+        )  # fmt: skip
         out = color_jitter(out, spec, self.generator)
         out = random_grayscale(out, spec.grayscale_p, self.generator)
         out = random_gaussian_blur(
@@ -218,10 +240,15 @@ class TwoViewAugment:
         out = random_solarize(out, spec.solarize_p[index], spec.solarize_threshold, self.generator)
         return (out - self.mean) / self.std
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) uint8 -> two (B, 3, size, size) float views."""
+    def __call__(
+        self, images: torch.Tensor, source_aspect: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) uint8 and optional (B,) original aspect ratios -> two float views.
+
+        Each view is (B, 3, size, size).
+        """
         scaled = images.float().div_(255)
-        return self.view(scaled, 0), self.view(scaled, 1)
+        return self.view(scaled, 0, source_aspect), self.view(scaled, 1, source_aspect)
 
 
 def normalize(

@@ -34,7 +34,8 @@ __all__ = ["DataError", "ConversionOptions", "write_beton", "check_beton", "prep
 
 SPLITS = ("train", "test")
 MANIFEST_SUFFIX = ".manifest.json"
-# Bumped whenever the manifest's content changes meaning; older files are rewritten.
+# Bumped whenever the manifest's content or the file's fields change meaning;
+# older files are rewritten. Format 2 added the options and the aspect field.
 MANIFEST_FORMAT = 2
 # FFCV stores image sides as uint16.
 _MAX_SIDE = 65535
@@ -42,7 +43,7 @@ _MAX_SIDE = 65535
 
 @dataclass(frozen=True)
 class ConversionOptions:
-    """How images are stored in a `.beton`; a file is reused only with the same options."""
+    """Storage options of a `.beton`; an existing file is reused only with the same options."""
 
     write_mode: Literal["raw", "jpg"] = "raw"
     max_resolution: int | None = None  # longest stored side; None keeps the source size
@@ -94,7 +95,9 @@ class _GuardedSource:
 
     FFCV's writer waits forever for a worker process that died on a sample.
     This wrapper hands the writer a 1x1 placeholder instead and records the
-    failure in `error_log`; `write_beton` raises after the writer returns.
+    failure in `error_log`, and `write_beton` raises after the writer returns.
+    Each sample gains its aspect ratio (width / height), so that training can
+    crop images that were decoded into squares with the right proportions.
     """
 
     def __init__(self, source: Source, error_log: Path) -> None:
@@ -104,18 +107,18 @@ class _GuardedSource:
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, float]:
         try:
             image, label = self.source[index]
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
                 raise ValueError(f"expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
             if not (0 < min(image.shape[:2]) and max(image.shape[:2]) <= _MAX_SIDE):
                 raise ValueError(f"image sides must be in 1..{_MAX_SIDE}, got {image.shape[:2]}")
-            return image, label
+            return image, label, image.shape[1] / image.shape[0]
         except Exception as exc:  # noqa: BLE001 - recorded here, raised by write_beton
             with self.error_log.open("a") as handle:
                 handle.write(f"sample {index}: {type(exc).__name__}: {exc}\n")
-            return np.zeros((1, 1, 3), dtype=np.uint8), 0
+            return np.zeros((1, 1, 3), dtype=np.uint8), 0, 1.0
 
 
 def _stored_sizes(path: Path) -> dict[str, list[int]]:
@@ -149,7 +152,7 @@ def write_beton(
     Raises:
         DataError: a sample failed while writing; no file is left behind.
     """
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import FloatField, IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
     if len(source) == 0:
@@ -173,6 +176,7 @@ def write_beton(
                     jpeg_quality=options.jpeg_quality,
                 ),
                 "label": IntField(),
+                "aspect": FloatField(),
             },
             num_workers=workers,
         )

@@ -1,4 +1,4 @@
-"""Which reader turns each dataset name into sources, and torchvision's downloaders."""
+"""Dataset readers by name, and the torchvision downloaders of the datasets that have one."""
 
 from __future__ import annotations
 

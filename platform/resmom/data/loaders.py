@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ffcv.fields.basics import IntDecoder
+from ffcv.fields.basics import FloatDecoder, IntDecoder
 from ffcv.fields.rgb_image import (
     CenterCropRGBImageDecoder,
     ResizedCropRGBImageDecoder,
@@ -52,9 +52,9 @@ def _whole_image(height, width, scale, ratio):
 class WholeImageDecoder(ResizedCropRGBImageDecoder):
     """Decode the whole image and resize it to `output_size`, ignoring its aspect ratio.
 
-    FFCV's resized-crop decoders accept images of any size; with the whole
-    image as the crop this one keeps every pixel available to the random
-    crops that follow on the device.
+    FFCV's resized-crop decoders accept images of any size. Taking the whole
+    image as the crop keeps every pixel available to the random crops that
+    follow on the device.
     """
 
     def __init__(self, output_size: tuple[int, int]) -> None:
@@ -71,13 +71,18 @@ def _is_fixed_size(manifest: dict[str, Any]) -> bool:
     return manifest["resolution"]["min"] == manifest["resolution"]["max"]
 
 
-def _pipelines(decoder, device: torch.device) -> dict[str, list]:
-    image = [decoder, ToTensor(), ToTorchImage()]
-    label = [IntDecoder(), ToTensor(), Squeeze()]
+def _pipelines(decoder, device: torch.device, with_aspect: bool) -> dict[str, list | None]:
+    """Return the image and label pipelines, and the aspect ratio's when `with_aspect`."""
+    pipelines: dict[str, list | None] = {
+        "image": [decoder, ToTensor(), ToTorchImage()],
+        "label": [IntDecoder(), ToTensor(), Squeeze()],
+        "aspect": [FloatDecoder(), ToTensor(), Squeeze()] if with_aspect else None,
+    }
     if device.type == "cuda":
-        image.append(ToDevice(device, non_blocking=True))
-        label.append(ToDevice(device, non_blocking=True))
-    return {"image": image, "label": label}
+        for pipeline in pipelines.values():
+            if pipeline is not None:
+                pipeline.append(ToDevice(device, non_blocking=True))
+    return pipelines
 
 
 def train_decode_size(manifest: dict[str, Any], resolution: int | None) -> int | None:
@@ -85,7 +90,9 @@ def train_decode_size(manifest: dict[str, Any], resolution: int | None) -> int |
     if _is_fixed_size(manifest):
         return None
     if resolution is None:
-        raise ValueError(f"{manifest['source']} holds images of several sizes: pass a resolution")
+        raise ValueError(
+            f"{manifest['source']} contains images of several sizes: pass a resolution"
+        )
     return math.ceil(resolution * _DECODE_MARGIN)
 
 
@@ -101,8 +108,9 @@ def train_loader(
     split: str = "train",
     expected: ConversionOptions | None = None,
 ) -> Loader:
-    """Shuffled loader over `path`; under DDP each rank reads its own shard each epoch.
+    """Shuffled loader of (images, labels, aspect ratios) over `path`.
 
+    Under DDP each rank reads its own shard each epoch.
     The shard order is a function of `seed` and the epoch (FFCV wraps
     torch's DistributedSampler), so a rerun with the same seed reads the same
     batches. The last partial batch is dropped so all ranks step together.
@@ -129,7 +137,7 @@ def train_loader(
         seed=seed,
         indices=sample_indices(manifest, split),
         drop_last=True,
-        pipelines=_pipelines(decoder, device),
+        pipelines=_pipelines(decoder, device, with_aspect=True),
     )
 
 
@@ -162,7 +170,9 @@ def eval_loader(
     if _is_fixed_size(manifest) and resolution in (None, stored[0]) and stored[0] == stored[1]:
         decoder = SimpleRGBImageDecoder()
     elif resolution is None:
-        raise ValueError(f"{manifest['source']} holds images of several sizes: pass a resolution")
+        raise ValueError(
+            f"{manifest['source']} contains images of several sizes: pass a resolution"
+        )
     else:
         decoder = CenterCropRGBImageDecoder((resolution, resolution), ratio=crop_fraction)
     return Loader(
@@ -173,7 +183,7 @@ def eval_loader(
         # FFCV 1.0.2 only accepts uint64 indices here.
         indices=labeled[rank::world_size].astype(np.uint64),
         drop_last=False,
-        pipelines=_pipelines(decoder, device),
+        pipelines=_pipelines(decoder, device, with_aspect=False),
     )
 
 
@@ -184,7 +194,11 @@ def eval_loader(
 
 
 class TwoViewBatches:
-    """Iterate (view_a, view_b, labels) batches: FFCV decode, then batched augmentation."""
+    """Iterate (view_a, view_b, labels) batches: FFCV decode, then batched augmentation.
+
+    The stored aspect ratios go to the augmentation, so that crops of images
+    decoded into squares keep the proportions of the original image.
+    """
 
     def __init__(self, loader: Loader, augment: TwoViewAugment) -> None:
         self.loader = loader
@@ -194,6 +208,6 @@ class TwoViewBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            view_a, view_b = self.augment(images)
+        for images, labels, aspects in self.loader:
+            view_a, view_b = self.augment(images, aspects)
             yield view_a, view_b, labels

@@ -81,7 +81,7 @@ def dataset_info(name: str, num_classes: int | None = None) -> DatasetInfo:
 
 
 def dataset_folder(name: str) -> str:
-    """Return the folder name under the data folder that holds the `.beton` files of `name`.
+    """Return the folder name under the data folder that contains the `.beton` files of `name`.
 
     An `imagefolder:PATH` dataset gets the last part of PATH plus a hash of
     the whole PATH, so that two trees with the same folder name do not collide.

@@ -5,7 +5,7 @@ source is indexable and returns `(image, label)` with `image` an (H, W, 3)
 uint8 RGB array, the form that `ffcv.writer.DatasetWriter` reads. Array
 formats (CIFAR pickles, STL-10 binaries) are held in memory or memory-mapped.
 Folder formats keep file paths and decode each image with PIL when the
-writer asks for it, so ImageNet is never loaded whole.
+writer requests it, so ImageNet is never loaded whole.
 
 The layouts are the ones torchvision's downloaders leave on disk. Every
 reader checks structure (files present, sizes, label ranges) and raises
@@ -74,7 +74,7 @@ class FileSource:
     classes: tuple[str, ...]
     origin: str
     segments: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # Longest side the writer will keep. JPEG decoding then skips detail
+    # Maximum side that the writer will keep. JPEG decoding then skips detail
     # that the resize would drop (PIL's draft mode, a DCT-domain downscale).
     draft_size: int | None = None
 
@@ -156,7 +156,7 @@ def _load_pickle(path: Path) -> dict[str, object]:
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise DataError(f"{path} is not a readable CIFAR python pickle: {exc}") from exc
     if not isinstance(payload, dict):
-        raise DataError(f"{path} holds a {type(payload).__name__}, expected a dict")
+        raise DataError(f"{path} contains a {type(payload).__name__}, expected a dict")
     return {
         key.decode() if isinstance(key, bytes) else key: value for key, value in payload.items()
     }
@@ -258,7 +258,7 @@ def _stl_labels(path: Path, count: int) -> np.ndarray:
 def read_stl10(root: Path) -> dict[str, Source]:
     """Read `stl10_binary/` under `root`.
 
-    The `train` split holds the 5,000 labeled training images followed by the
+    The `train` split contains the 5,000 labeled training images followed by the
     100,000 unlabeled ones (label -1); its `segments` name the two ranges, so
     training can read either or both from one `.beton`.
     """
@@ -335,7 +335,7 @@ def _folder_split(
         files = _image_files(folder)
         if not files:
             raise DataError(
-                f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+                f"class folder {folder} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
             )
         paths.extend(files)
         labels.extend([class_index[name]] * len(files))
