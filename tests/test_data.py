@@ -233,3 +233,31 @@ def test_crop_sides_square_source_unchanged():
     same_width, same_height = crop_sides(area, aspect, torch.tensor([1.0]))
     assert torch.equal(width, same_width)
     assert torch.equal(height, same_height)
+
+
+def test_data_spec_fills_dataset_defaults():
+    from resmom.specs import DataSpec
+
+    imagenet = DataSpec(dataset="imagenet")
+    assert (imagenet.resolution, imagenet.write_mode, imagenet.max_resolution) == (224, "jpg", 256)
+    cifar = DataSpec(dataset="cifar10", resolution=24)
+    assert (cifar.resolution, cifar.write_mode, cifar.max_resolution) == (24, "raw", None)
+    assert DataSpec(dataset="imagefolder:/data/tree").write_mode == "jpg"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"dataset": "cifar10", "train_split": "unlabeled"}, "only stl10"),
+        ({"dataset": "imagefolder:"}, "unknown dataset"),
+        ({"augment": {"blur_p": [1.0, 1.5]}}, "blur_p must hold two probabilities"),
+        ({"augment": {"blur_sigma": [2.0, 0.1]}}, "blur_sigma must satisfy"),
+    ],
+)
+def test_data_spec_rejects_invalid_fields(fields: dict, message: str):
+    from pydantic import ValidationError
+
+    from resmom.specs import DataSpec
+
+    with pytest.raises(ValidationError, match=message):
+        DataSpec(**fields)

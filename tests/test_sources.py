@@ -287,6 +287,29 @@ def test_imagenet100_keeps_listed_classes(tmp_path: Path):
     assert manifest["count"] == sum(label == 1 for _, label in files["train"])
 
 
+def test_fit_on_stl10_with_unlabeled_images(tmp_path: Path):
+    from resmom.specs import validate_job
+    from resmom.train.loop import fit
+
+    write_stl10(tmp_path / "src")
+    paths = prepare("stl10", tmp_path / "data", source=tmp_path / "src")
+    spec = validate_job(
+        {
+            "name": "stl-unlabeled",
+            "data": {"dataset": "stl10", "resolution": 16, "train_split": "train+unlabeled"},
+            "model": {"width": 4},
+            "method": {"projector_hidden_dim": 16, "projection_dim": 8, "predictor_hidden_dim": 16},
+            "optim": {"epochs": 1, "batch_size": 4},
+            "probe": {"knn_k": 2},
+            "run": {"workers": 1},
+        }
+    )
+    metrics = fit(spec, paths["train"], paths["test"], CPU)
+    assert np.isfinite(metrics["loss/total"])
+    assert 0 <= metrics["probe/online_top1"] <= 1
+    assert 0 <= metrics["probe/knn_top1_student"] <= 1
+
+
 # Bad inputs --------------------------------------------------------------------
 
 

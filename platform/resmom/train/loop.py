@@ -161,14 +161,22 @@ def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tens
     """
     inputs = features.flatten(0, 1).float()  # (V*B, F)
     targets = labels.long().repeat(features.shape[0])  # (V*B,), view-major like `inputs`
+    # Unlabeled images (label -1) count in neither loss nor accuracy. Every rank
+    # still steps, so that all ranks run the same gradient all-reduces.
+    # NOTE: a batch without labels scores 0, so the epoch mean reads low when
+    # training reads unlabeled images; a mean weighted by label count would fix it.
+    labeled = (targets >= 0).float()
+    count = labeled.sum().clamp(min=1)
     logits = state.online_head(inputs)
-    loss = nn.functional.cross_entropy(logits, targets)
+    losses = nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    loss = (losses * labeled).sum() / count
     state.online_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for parameter in state.online_head.parameters():
         parameter.grad = dist_utils.all_reduce_mean(parameter.grad)
     state.online_optimizer.step()
-    return (logits.argmax(1) == targets).float().mean().detach()
+    correct = (logits.argmax(1) == targets).float()
+    return ((correct * labeled).sum() / count).detach()
 
 
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
