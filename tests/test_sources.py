@@ -462,6 +462,9 @@ def test_cli_prepare_exit_codes(tmp_path: Path):
     no_list = runner.invoke(app, ["data", "prepare", "imagenet100", "--source", "x", *data])
     assert no_list.exit_code == 2
     assert "--classes" in no_list.output
+    stray_source = runner.invoke(app, ["data", "prepare", "digits", "--source", "x", *data])
+    assert stray_source.exit_code == 2
+    assert "digits takes no --source" in stray_source.output
     bad_quality = runner.invoke(app, ["data", "prepare", "cifar10", "--jpeg-quality", "0", *data])
     assert bad_quality.exit_code == 2
     source = ["--source", str(tmp_path / "src")]

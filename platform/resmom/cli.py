@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from resmom.data.catalog import NEEDS_CLASS_LIST
-from resmom.data.registry import is_known_dataset
+from resmom.data.registry import IMAGEFOLDER_PREFIX, is_known_dataset
 from resmom.paths import resolve_data_dir
 from resmom.specs import DATASETS, SpecError, load_job
 
@@ -203,6 +203,8 @@ def data_prepare(
         )
     if name in NEEDS_CLASS_LIST and classes is None:
         raise _fail(f"{name} needs --classes FILE (one class folder name per line)", EXIT_INVALID)
+    if source is not None and (name == "digits" or name.startswith(IMAGEFOLDER_PREFIX)):
+        raise _fail(f"{name} takes no --source (got {source})", EXIT_INVALID)
     if download and source is None:
         raise _fail("--download needs --source, the folder to download into", EXIT_INVALID)
     _setup_logging()
