@@ -18,8 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from resmom.data.catalog import NEEDS_CLASS_LIST
-from resmom.data.registry import IMAGEFOLDER_PREFIX, is_known_dataset
+from resmom.data.registry import IMAGEFOLDER_PREFIX, NEEDS_CLASS_LIST, is_known_dataset
 from resmom.paths import resolve_data_dir
 from resmom.specs import DATASETS, SpecError, load_job
 

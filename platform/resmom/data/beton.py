@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataError", "ConversionOptions", "write_beton", "check_beton", "prepare"]
-
 SPLITS = ("train", "test")
 MANIFEST_SUFFIX = ".manifest.json"
 # Bumped whenever the manifest's content or the file's fields change meaning;

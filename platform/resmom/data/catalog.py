@@ -6,13 +6,11 @@ import logging
 from pathlib import Path
 
 from resmom.data import digits, sources
-from resmom.data.registry import DATASET_INFO, IMAGEFOLDER_PREFIX
+from resmom.data.registry import DATASET_INFO, IMAGEFOLDER_PREFIX, NEEDS_CLASS_LIST
 from resmom.data.sources import ArraySource, DataError, Source
 
 log = logging.getLogger(__name__)
 
-# Datasets that need a class-list file (one class folder name per line).
-NEEDS_CLASS_LIST = ("imagenet100",)
 # torchvision's dataset classes that download each format; the others are
 # downloaded by hand (ImageNet needs a login, Tiny-ImageNet has no torchvision class).
 _DOWNLOADERS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}

@@ -54,6 +54,8 @@ DATASET_INFO = {
 IMAGEFOLDER_INFO = DatasetInfo(0, _IMAGENET_MEAN, _IMAGENET_STD, 224, "jpg", 256, 0.875)
 
 DATASETS = tuple(DATASET_INFO)
+# Datasets that need a class-list file (one class folder name per line).
+NEEDS_CLASS_LIST = ("imagenet100",)
 
 
 def is_known_dataset(name: str) -> bool:
