@@ -175,7 +175,7 @@ def data_prepare(
     max_resolution: Annotated[
         int | None,
         typer.Option(
-            min=8, max=65535, help="Longest stored side in pixels (default: the dataset's)."
+            min=8, max=65535, help="Maximum stored image side in pixels (default: the dataset's)."
         ),
     ] = None,
     jpeg_quality: Annotated[

@@ -97,7 +97,7 @@ class DataSpec(_Strict):
     )
     write_mode: Literal["raw", "jpg"] = Field(description="image storage in the .beton")
     max_resolution: int | None = Field(
-        ge=8, description="longest stored image side; none keeps the source size"
+        ge=8, description="maximum stored image side; none keeps the source size"
     )
     jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of write_mode jpg")
     loader_threads: int = Field(1, ge=1, description="FFCV decoding threads per rank")

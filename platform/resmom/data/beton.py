@@ -44,7 +44,7 @@ class ConversionOptions:
     """Storage options of a `.beton`; an existing file is reused only with the same options."""
 
     write_mode: Literal["raw", "jpg"] = "raw"
-    max_resolution: int | None = None  # longest stored side; None keeps the source size
+    max_resolution: int | None = None  # maximum stored side; None keeps the source size
     jpeg_quality: int = 90  # used by write_mode jpg only
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     resolution: int  # default side of the training crops
     write_mode: Literal["raw", "jpg"]  # default storage in the `.beton`
-    max_resolution: int | None  # default longest stored side; None keeps the source size
+    max_resolution: int | None  # default maximum stored side; None keeps the source size
     # Fraction of the short side that the evaluation center crop keeps:
     # 0.875 is the ImageNet convention (resize to 256, crop 224).
     eval_crop_fraction: float = 1.0

@@ -163,8 +163,8 @@ def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tens
     targets = labels.long().repeat(features.shape[0])  # (V*B,), view-major like `inputs`
     # Unlabeled images (label -1) count in neither loss nor accuracy. Every rank
     # still steps, so that all ranks run the same gradient all-reduces.
-    # NOTE: a batch without labels scores 0, so the epoch mean reads low when
-    # training reads unlabeled images; a mean weighted by label count would fix it.
+    # NOTE: a batch without labels scores 0, which lowers the epoch mean when
+    # training reads unlabeled images. A mean weighted by label count would fix it.
     labeled = (targets >= 0).float()
     count = labeled.sum().clamp(min=1)
     logits = state.online_head(inputs)
