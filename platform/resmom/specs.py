@@ -35,8 +35,10 @@ class _Strict(BaseModel):
 class AugmentSpec(_Strict):
     """Two-view augmentation recipe of BYOL (Grill et al., arXiv 2006.07733, Table 6).
 
-    Fields that hold a pair give the value of view 1 and view 2; BYOL blurs
-    and solarizes the two views with different probabilities.
+    The defaults are BYOL's except `crop_scale`, which BYOL draws from
+    (0.08, 1.0). Fields that contain a pair give the value of view 1 and
+    view 2, because BYOL blurs and solarizes its two views with different
+    probabilities.
     """
 
     crop_scale: tuple[float, float] = Field((0.4, 1.0), description="area range of the crop")
