@@ -54,7 +54,7 @@ def test_override_without_equals_rejected():
         ("rm.alpah=1", "rm.alpah", "accepted keys: alpha, alpha_schedule"),
         ("rm.alpha=-0.5", "rm.alpha", "greater than or equal to 0"),
         ("method.name=simclr", "method.name", "'byol'"),
-        ("data.dataset=mnist", "data.dataset", "'digits'"),
+        ("data.dataset=mnist", "data.dataset", "digits, cifar10"),
         ("model.backbone=vgg", "model.backbone", "'resnet18'"),
         ("optim.batch_size=127", "optim.batch_size", "divisible by run.workers"),
         ("data.augment.crop_scale=[0.9, 0.2]", "crop_scale", "0 < low <= high <= 1"),
@@ -95,7 +95,7 @@ def test_spec_is_frozen():
 
 @pytest.mark.parametrize(
     "override",
-    ["rm.alpha=-1", "method.name=simclr", "data.dataset=imagenet", "rm.unknown_option=3"],
+    ["rm.alpha=-1", "method.name=simclr", "data.dataset=mnist", "rm.unknown_option=3"],
 )
 def test_cli_run_rejects_invalid_spec_with_exit_2(override: str, tmp_path: Path):
     result = runner.invoke(

@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from resmom.data.registry import IMAGEFOLDER_PREFIX, NEEDS_CLASS_LIST, is_known_dataset
 from resmom.paths import resolve_data_dir
 from resmom.specs import DATASETS, SpecError, load_job, load_sweep
 
@@ -146,28 +148,100 @@ def probe(
     console.print(table)
 
 
+class WriteMode(StrEnum):
+    raw = "raw"
+    jpg = "jpg"
+
+
 @data_app.command("prepare")
 def data_prepare(
-    name: Annotated[str, typer.Argument(help=f"Dataset: {', '.join(DATASETS)}.")],
+    name: Annotated[
+        str,
+        typer.Argument(help=f"Dataset: {', '.join(DATASETS)}, or imagefolder:PATH."),
+    ],
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder with the dataset's files in the layout torchvision's downloaders "
+            "leave (see README); digits and imagefolder:PATH need none."
+        ),
+    ] = None,
+    download: Annotated[
+        bool,
+        typer.Option(help="Download cifar10, cifar100 or stl10 into --source first (network)."),
+    ] = False,
+    write_mode: Annotated[
+        WriteMode | None,
+        typer.Option(help="Image storage: raw pixels or JPEG (default: the dataset's)."),
+    ] = None,
+    max_resolution: Annotated[
+        int | None,
+        typer.Option(
+            min=8, max=65535, help="Maximum stored image side in pixels (default: the dataset's)."
+        ),
+    ] = None,
+    jpeg_quality: Annotated[
+        int, typer.Option(min=1, max=100, help="JPEG quality of --write-mode jpg.")
+    ] = 90,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes that check and convert images.")
+    ] = max(1, min(8, os.cpu_count() or 1)),
+    classes: Annotated[
+        Path | None,
+        typer.Option(help="Class-list file of imagenet100: one class folder name per line."),
+    ] = None,
     data_dir: DataDirOption = None,
     force: Annotated[
-        bool, typer.Option(help="Rewrite the .beton files even if valid ones exist.")
+        bool,
+        typer.Option(help="Rewrite the .beton files even if valid ones exist, with any options."),
     ] = False,
 ) -> None:
-    """Write the train and test .beton files of a dataset into the data folder."""
-    if name not in DATASETS:
-        raise _fail(f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}", EXIT_INVALID)
+    """Convert a dataset into train and test .beton files (with manifests) in the data folder."""
+    if not is_known_dataset(name):
+        raise _fail(
+            f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}, imagefolder:PATH",
+            EXIT_INVALID,
+        )
+    if name in NEEDS_CLASS_LIST and classes is None:
+        raise _fail(f"{name} needs --classes FILE (one class folder name per line)", EXIT_INVALID)
+    if source is not None and (name == "digits" or name.startswith(IMAGEFOLDER_PREFIX)):
+        raise _fail(f"{name} takes no --source (got {source})", EXIT_INVALID)
+    if download and source is None:
+        raise _fail("--download needs --source, the folder to download into", EXIT_INVALID)
     _setup_logging()
-    from resmom.data.beton import DataError, check_beton, prepare
+    from resmom.data.beton import (
+        ConversionOptions,
+        DataError,
+        check_beton,
+        default_options,
+        prepare,
+    )
 
+    defaults = default_options(name)
     try:
-        paths = prepare(name, resolve_data_dir(data_dir), force=force)
+        options = ConversionOptions(
+            write_mode.value if write_mode else defaults.write_mode,
+            max_resolution if max_resolution is not None else defaults.max_resolution,
+            jpeg_quality,
+        )
+        paths = prepare(
+            name,
+            resolve_data_dir(data_dir),
+            force=force,
+            source=source,
+            options=options,
+            workers=workers,
+            download=download,
+            classes_file=classes,
+        )
     except DataError as exc:
         raise _fail(str(exc)) from None
     for split, path in paths.items():
         manifest = check_beton(path)
+        sizes = manifest["resolution"]
         console.print(
-            f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes)"
+            f"{split}: {path} ({manifest['count']} images, {len(manifest['classes'])} classes, "
+            f"{options.write_mode}, sides {sizes['min']}..{sizes['max']})"
         )
 
 

@@ -13,9 +13,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-DATASETS = ("digits",)
+from resmom.data.registry import DATASETS, dataset_info, is_known_dataset
 
 
 class SpecError(ValueError):
@@ -27,7 +34,13 @@ class _Strict(BaseModel):
 
 
 class AugmentSpec(_Strict):
-    """Two-view augmentation recipe (BYOL-style), applied per view."""
+    """Two-view augmentation recipe of BYOL (Grill et al., arXiv 2006.07733, Table 6).
+
+    The defaults are BYOL's except `crop_scale`, which BYOL draws from
+    (0.08, 1.0). Fields that contain a pair give the value of view 1 and
+    view 2, because BYOL blurs and solarizes its two views with different
+    probabilities.
+    """
 
     crop_scale: tuple[float, float] = Field((0.4, 1.0), description="area range of the crop")
     flip_p: float = Field(0.5, ge=0, le=1)
@@ -37,20 +50,94 @@ class AugmentSpec(_Strict):
     saturation: float = Field(0.2, ge=0)
     hue: float = Field(0.1, ge=0, le=0.5)
     grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_p: tuple[float, float] = Field(
+        (1.0, 0.1), description="gaussian blur probability per view"
+    )
+    blur_sigma: tuple[float, float] = Field(
+        (0.1, 2.0), description="range of the blur's standard deviation, in pixels of the crop"
+    )
+    blur_kernel_fraction: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description="blur kernel side as a fraction of the crop side, rounded to an odd "
+        "number of at least 3 (SimCLR, arXiv 2002.05709, appendix A: 10% of the side)",
+    )
+    solarize_p: tuple[float, float] = Field(
+        (0.0, 0.2), description="solarization probability per view"
+    )
+    solarize_threshold: float = Field(
+        0.5, ge=0, le=1, description="pixels at or above this value (in [0, 1]) are inverted"
+    )
 
     @model_validator(mode="after")
-    def _check_scale(self) -> AugmentSpec:
+    def _check_ranges(self) -> AugmentSpec:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        low, high = self.blur_sigma
+        if not 0 < low <= high:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        for name in ("blur_p", "solarize_p"):
+            if not all(0 <= p <= 1 for p in getattr(self, name)):
+                raise ValueError(f"{name} must hold two probabilities in [0, 1]")
         return self
 
 
 class DataSpec(_Strict):
-    dataset: Literal["digits"] = "digits"
-    resolution: int = Field(32, ge=8, le=512, description="side of the training crops in pixels")
+    """Dataset, crop size, storage options of the `.beton` files and the augmentation recipe.
+
+    `resolution`, `write_mode` and `max_resolution` left out take the
+    dataset's defaults (`resmom.data.registry`).
+    """
+
+    dataset: str = Field("digits", description=f"one of {', '.join(DATASETS)}, or imagefolder:PATH")
+    resolution: int = Field(ge=8, le=512, description="side of the training crops in pixels")
+    train_split: Literal["train", "unlabeled", "train+unlabeled"] = Field(
+        "train",
+        description="images SSL training reads; unlabeled and train+unlabeled exist for stl10 "
+        "only. The kNN bank and probes always use the labeled train images",
+    )
+    write_mode: Literal["raw", "jpg"] = Field(description="image storage in the .beton")
+    max_resolution: int | None = Field(
+        ge=8, description="maximum stored image side; none keeps the source size"
+    )
+    jpeg_quality: int = Field(90, ge=1, le=100, description="JPEG quality of write_mode jpg")
     loader_threads: int = Field(1, ge=1, description="FFCV decoding threads per rank")
     augment: AugmentSpec = AugmentSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_dataset_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name = data.get("dataset", "digits")
+        # An unknown name takes digits' defaults so that the only error is the name.
+        known = isinstance(name, str) and is_known_dataset(name)
+        info = dataset_info(name if known else "digits")
+        defaults = {
+            "resolution": info.resolution,
+            "write_mode": info.write_mode,
+            "max_resolution": info.max_resolution,
+        }
+        return {**defaults, **data}
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, name: str) -> str:
+        if not is_known_dataset(name):
+            raise ValueError(
+                f"unknown dataset {name!r}; accepted: {', '.join(DATASETS)}, imagefolder:PATH"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DataSpec:
+        if self.train_split != "train" and self.dataset != "stl10":
+            raise ValueError(
+                f"train_split {self.train_split} needs unlabeled images, which only stl10 has"
+            )
+        return self
 
 
 class ModelSpec(_Strict):
@@ -209,7 +296,7 @@ class JobSpec(_Strict):
 
     name: str = Field(min_length=1)
     seed: int = Field(0, ge=0)
-    data: DataSpec = DataSpec()
+    data: DataSpec = DataSpec()  # type: ignore[call-arg]  # defaults filled by its validator
     model: ModelSpec = ModelSpec()
     method: MethodSpec = MethodSpec()
     rm: ResidualMomentumSpec = ResidualMomentumSpec()

@@ -31,6 +31,23 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     return (images * weights).sum(dim=1, keepdim=True)
 
 
+def crop_sides(
+    area: torch.Tensor, aspect: torch.Tensor, source_aspect: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return crop width and height as fractions of the image's width and height.
+
+    Args:
+        area: (B,) crop area as a fraction of the original image's area.
+        aspect: (B,) crop width over height, in the original image's pixels.
+        source_aspect: (B,) width over height of the original image, which may
+            have been resized into the square it is cropped from; None: 1.
+    """
+    relative = aspect if source_aspect is None else aspect / source_aspect.to(aspect.dtype)
+    width = torch.sqrt(area * relative).clamp(max=1.0)
+    height = torch.sqrt(area / relative).clamp(max=1.0)
+    return width, height
+
+
 def random_resized_crop_flip(
     images: torch.Tensor,
     size: int,
@@ -38,6 +55,7 @@ def random_resized_crop_flip(
     flip_p: float,
     generator: torch.Generator,
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    source_aspect: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Crop a random area and aspect ratio per sample, flip, and resize to `size`.
 
@@ -47,16 +65,17 @@ def random_resized_crop_flip(
 
     Args:
         images: (B, C, H, W) float.
+        source_aspect: (B,) width over height of each original image. Area
+            and aspect ratio are drawn in its pixels even when the decoder
+            squashed it into (H, W).
     Returns:
         (B, C, size, size) float.
     """
     B, device = images.shape[0], images.device
     area = _uniform(scale[0], scale[1], B, generator, device)
     log_ratio = _uniform(math.log(ratio[0]), math.log(ratio[1]), B, generator, device)
-    aspect = torch.exp(log_ratio)
     # Sides as fractions of the image side; affine_grid spans [-1, 1].
-    width = torch.sqrt(area * aspect).clamp(max=1.0)
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    width, height = crop_sides(area, torch.exp(log_ratio), source_aspect)
     center_x = (1 - width) * _uniform(-1, 1, B, generator, device)
     center_y = (1 - height) * _uniform(-1, 1, B, generator, device)
     flip = torch.where(torch.rand(B, generator=generator, device=device) < flip_p, -1.0, 1.0)
@@ -122,6 +141,68 @@ def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator)
     return torch.where(apply, _luma(images).expand_as(images), images)
 
 
+def blur_kernel_size(size: int, fraction: float) -> int:
+    """Return the odd kernel side nearest to `fraction * size`, at least 3."""
+    return max(3, round(fraction * size) // 2 * 2 + 1)
+
+
+def gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each sample with its own standard deviation, as two 1-D convolutions.
+
+    Borders are reflected, as in torchvision's `gaussian_blur`.
+
+    Args:
+        images: (B, C, H, W) float.
+        sigma: (B,) standard deviations in pixels.
+    Returns:
+        (B, C, H, W) float.
+    """
+    B, C, H, W = images.shape
+    offsets = torch.arange(kernel_size, device=images.device, dtype=images.dtype)
+    offsets = offsets - (kernel_size - 1) / 2
+    kernel = torch.exp(-(offsets.view(1, -1) ** 2) / (2 * sigma.view(-1, 1) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # (B, K)
+    kernel = kernel.repeat_interleave(C, dim=0)  # (B*C, K): one filter per sample and channel
+    pad = kernel_size // 2
+    # Grouped convolution: every (sample, channel) plane is its own group.
+    planes = images.reshape(1, B * C, H, W)
+    planes = F.pad(planes, (pad, pad, 0, 0), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    planes = F.pad(planes, (0, 0, pad, pad), mode="reflect")
+    planes = F.conv2d(planes, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return planes.view(B, C, H, W)
+
+
+def random_gaussian_blur(
+    images: torch.Tensor,
+    p: float,
+    sigma_range: tuple[float, float],
+    kernel_size: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Blur each sample with probability `p` and a standard deviation drawn from `sigma_range`."""
+    B, device = images.shape[0], images.device
+    apply = torch.rand(B, generator=generator, device=device) < p
+    sigma = _uniform(sigma_range[0], sigma_range[1], B, generator, device)
+    if not apply.any():
+        return images
+    # Only the selected samples are convolved; BYOL's second view blurs 10% of them.
+    selected = apply.nonzero().squeeze(1)
+    out = images.clone()
+    out[selected] = gaussian_blur(images[selected], sigma[selected], kernel_size)
+    return out
+
+
+def random_solarize(
+    images: torch.Tensor, p: float, threshold: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Invert pixels at or above `threshold` (images in [0, 1]) of a sample with probability `p`."""
+    B = images.shape[0]
+    apply = (torch.rand(B, generator=generator, device=images.device) < p).view(B, 1, 1, 1)
+    solarized = torch.where(images >= threshold, 1 - images, images)
+    return torch.where(apply, solarized, images)
+
+
 class TwoViewAugment:
     """Turn a decoded uint8 batch into two independently augmented, normalized views."""
 
@@ -140,19 +221,34 @@ class TwoViewAugment:
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        self.kernel_size = blur_kernel_size(size, spec.blur_kernel_fraction)
 
-    def view(self, images: torch.Tensor) -> torch.Tensor:
+    def view(
+        self, images: torch.Tensor, index: int, source_aspect: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Make view `index` (0 or 1) of (B, 3, H, W) images in [0, 1], in BYOL's order."""
+        spec = self.spec
         out = random_resized_crop_flip(
-            images, self.size, self.spec.crop_scale, self.spec.flip_p, self.generator
+            images, self.size, spec.crop_scale, spec.flip_p, self.generator,
+            source_aspect=source_aspect,
+        )  # fmt: skip
+        out = color_jitter(out, spec, self.generator)
+        out = random_grayscale(out, spec.grayscale_p, self.generator)
+        out = random_gaussian_blur(
+            out, spec.blur_p[index], spec.blur_sigma, self.kernel_size, self.generator
         )
-        out = color_jitter(out, self.spec, self.generator)
-        out = random_grayscale(out, self.spec.grayscale_p, self.generator)
+        out = random_solarize(out, spec.solarize_p[index], spec.solarize_threshold, self.generator)
         return (out - self.mean) / self.std
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) uint8 -> two (B, 3, size, size) float views."""
+    def __call__(
+        self, images: torch.Tensor, source_aspect: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) uint8 and optional (B,) original aspect ratios -> two float views.
+
+        Each view is (B, 3, size, size).
+        """
         scaled = images.float().div_(255)
-        return self.view(scaled), self.view(scaled)
+        return self.view(scaled, 0, source_aspect), self.view(scaled, 1, source_aspect)
 
 
 def normalize(

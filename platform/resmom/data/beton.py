@@ -1,9 +1,10 @@
 """Write datasets into FFCV `.beton` files atomically, each with a manifest beside it.
 
-A `.beton` is trusted only when its manifest exists and agrees with the file.
-The writer renames the finished file into place first and the manifest last.
-An interrupted conversion therefore leaves either nothing or a `.beton`
-without a manifest, which `check_beton` rejects and `prepare` rewrites.
+A `.beton` is trusted only when its manifest exists and agrees with the file
+and with the conversion options that the caller expects. The writer renames
+the finished file into place first and the manifest last. An interrupted
+conversion therefore leaves either nothing or a `.beton` without a manifest,
+which `check_beton` rejects and `prepare` rewrites.
 """
 
 from __future__ import annotations
@@ -13,42 +14,66 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from resmom.data import digits
+from resmom.data import sources
+from resmom.data.registry import IMAGEFOLDER_PREFIX, dataset_folder, dataset_info
+from resmom.data.sources import DataError, Source
+
+if TYPE_CHECKING:
+    from resmom.specs import DataSpec
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 MANIFEST_SUFFIX = ".manifest.json"
-
-
-class DataError(RuntimeError):
-    """A dataset file that is missing, stale or corrupt; the message names the fix."""
+# Bumped whenever the manifest's content or the file's fields change meaning;
+# older files are rewritten. Format 2 added the options and the aspect field.
+MANIFEST_FORMAT = 2
+# FFCV stores image sides as uint16.
+_MAX_SIDE = 65535
 
 
 @dataclass(frozen=True)
-class ArrayDataset:
-    """Indexable (image, label) pairs in the form `ffcv.writer.DatasetWriter` reads."""
+class ConversionOptions:
+    """Storage options of a `.beton`; an existing file is reused only with the same options."""
 
-    images: np.ndarray  # (N, H, W, 3) uint8
-    labels: np.ndarray  # (N,) int
+    write_mode: Literal["raw", "jpg"] = "raw"
+    max_resolution: int | None = None  # maximum stored side; None keeps the source size
+    jpeg_quality: int = 90  # used by write_mode jpg only
 
-    def __len__(self) -> int:
-        return len(self.labels)
+    def __post_init__(self) -> None:
+        if self.write_mode not in ("raw", "jpg"):
+            raise DataError(f"invalid write mode {self.write_mode!r}; accepted: raw, jpg")
+        if self.max_resolution is not None and not 8 <= self.max_resolution <= _MAX_SIDE:
+            raise DataError(
+                f"invalid maximum resolution {self.max_resolution}; expected 8..{_MAX_SIDE}"
+            )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise DataError(f"invalid JPEG quality {self.jpeg_quality}; expected 1..100")
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        return self.images[index], int(self.labels[index])
+
+class OptionMismatchError(DataError):
+    """A valid `.beton` that was written with other conversion options than requested."""
+
+
+def default_options(dataset: str) -> ConversionOptions:
+    info = dataset_info(dataset)
+    return ConversionOptions(info.write_mode, info.max_resolution)
+
+
+def spec_options(data: DataSpec) -> ConversionOptions:
+    """Return the conversion options that a job's data spec requests."""
+    return ConversionOptions(data.write_mode, data.max_resolution, data.jpeg_quality)
 
 
 def beton_path(data_dir: Path, dataset: str, split: str) -> Path:
-    return data_dir / dataset / f"{split}.beton"
+    return data_dir / dataset_folder(dataset) / f"{split}.beton"
 
 
 def manifest_path(beton: Path) -> Path:
@@ -63,54 +88,115 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_arrays(images: np.ndarray, labels: np.ndarray) -> None:
-    # FFCV's writer processes hang instead of failing when a sample is
-    # malformed, so shapes and types are checked before any process starts.
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise DataError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
-    if labels.shape != (len(images),):
-        raise DataError(f"labels must be ({len(images)},), got {labels.shape}")
+class _GuardedSource:
+    """A source whose failures are logged to a file instead of killing a writer process.
+
+    FFCV's writer waits forever for a worker process that died on a sample.
+    This wrapper hands the writer a 1x1 placeholder instead and records the
+    failure in `error_log`, and `write_beton` raises after the writer returns.
+    Each sample gains its aspect ratio (width / height), so that training can
+    crop images that were decoded into squares with the right proportions.
+    """
+
+    def __init__(self, source: Source, error_log: Path) -> None:
+        self.source = source
+        self.error_log = error_log
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, float]:
+        try:
+            image, label = self.source[index]
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected (H, W, 3) uint8, got {image.shape} {image.dtype}")
+            if not (0 < min(image.shape[:2]) and max(image.shape[:2]) <= _MAX_SIDE):
+                raise ValueError(f"image sides must be in 1..{_MAX_SIDE}, got {image.shape[:2]}")
+            return image, label, image.shape[1] / image.shape[0]
+        except Exception as exc:  # noqa: BLE001 - recorded here, raised by write_beton
+            with self.error_log.open("a") as handle:
+                handle.write(f"sample {index}: {type(exc).__name__}: {exc}\n")
+            return np.zeros((1, 1, 3), dtype=np.uint8), 0, 1.0
+
+
+def _stored_sizes(path: Path) -> dict[str, list[int]]:
+    from ffcv.reader import Reader
+
+    # Metadata columns are unnamed (f0, f1, ...) in field order; the image is the first field.
+    metadata = Reader(str(path)).metadata["f0"]
+    heights, widths = metadata["height"], metadata["width"]
+    return {
+        "min": [int(heights.min()), int(widths.min())],
+        "max": [int(heights.max()), int(widths.max())],
+    }
 
 
 def write_beton(
-    path: Path, images: np.ndarray, labels: np.ndarray, source: str, workers: int = 1
+    path: Path,
+    source: Source,
+    options: ConversionOptions,
+    workers: int = 1,
+    origin: str | None = None,
 ) -> dict[str, Any]:
-    """Write an image classification split to `path` with raw RGB storage.
+    """Write an image classification split to `path` and its manifest beside it.
 
     The file is written under a temporary name in the same folder and renamed
-    into place, then its manifest is written the same way.
+    into place, then its manifest is written the same way. The caller checks
+    the source first (`sources.check_source`).
 
     Returns:
         The manifest that was written beside the file.
+
+    Raises:
+        DataError: a sample failed while writing; no file is left behind.
     """
-    from ffcv.fields import IntField, RGBImageField
+    from ffcv.fields import FloatField, IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    _check_arrays(images, labels)
+    if len(source) == 0:
+        raise DataError(f"{source.origin} has no images")
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest_path(path).unlink(missing_ok=True)
     descriptor, temporary = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
     os.close(descriptor)
+    error_log = Path(temporary + ".errors")
+    for part in sources._file_sources(source):
+        part.draft_size = options.max_resolution
     try:
         writer = DatasetWriter(
             temporary,
             {
-                "image": RGBImageField(write_mode="raw", max_resolution=max(images.shape[1:3])),
+                "image": RGBImageField(
+                    write_mode=options.write_mode,
+                    max_resolution=options.max_resolution,
+                    jpeg_quality=options.jpeg_quality,
+                ),
                 "label": IntField(),
+                "aspect": FloatField(),
             },
             num_workers=workers,
         )
-        writer.from_indexed_dataset(ArrayDataset(images, labels))
+        writer.from_indexed_dataset(_GuardedSource(source, error_log))
+        if error_log.exists():
+            lines = error_log.read_text().splitlines()
+            listed = "\n  ".join(lines[:5])
+            raise DataError(f"{len(lines)} samples of {source.origin} failed:\n  {listed}")
+        labels = np.asarray(source_labels(source))
+        labeled = labels[labels != sources.UNLABELED]
         manifest = {
-            "source": source,
+            "format": MANIFEST_FORMAT,
+            "source": origin or source.origin,
             "count": int(len(labels)),
-            "classes": sorted(int(c) for c in np.unique(labels)),
-            "resolution": [int(images.shape[1]), int(images.shape[2])],
-            "write_mode": "raw",
+            "classes": sorted(int(c) for c in np.unique(labeled)),
+            "class_names": list(source.classes),
+            "segments": {name: list(span) for name, span in source.segments.items()},
+            "resolution": _stored_sizes(Path(temporary)),
+            "options": asdict(options),
+            "size_bytes": Path(temporary).stat().st_size,
             "sha256": _sha256(Path(temporary)),
-            "versions": {name: version(name) for name in ("ffcv", "numpy", "resmom")},
+            "versions": {name: version(name) for name in ("ffcv", "numpy", "pillow", "resmom")},
         }
         # mkstemp creates the file readable by its owner only; a shared data
         # folder needs the usual permissions.
@@ -119,8 +205,17 @@ def write_beton(
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    finally:
+        error_log.unlink(missing_ok=True)
     _write_json_atomic(manifest_path(path), manifest)
     return manifest
+
+
+def source_labels(source: Source) -> np.ndarray:
+    """Return the (N,) labels of any source without decoding images."""
+    if isinstance(source, sources.ConcatSource):
+        return np.concatenate([part.labels for part in source.parts])
+    return source.labels
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -129,11 +224,31 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(temporary, path)
 
 
-def check_beton(path: Path, verify_checksum: bool = False) -> dict[str, Any]:
+def _check_options(path: Path, manifest: dict[str, Any], expected: ConversionOptions) -> None:
+    stored = manifest.get("options", {})
+    for name, wanted in asdict(expected).items():
+        if name == "jpeg_quality" and expected.write_mode == "raw":
+            continue
+        if stored.get(name) != wanted:
+            raise OptionMismatchError(
+                f"{path} was written with {name}={stored.get(name)} but {name}={wanted} "
+                "is requested; convert again with `rmctl data prepare ... --force` and the "
+                "requested options, or request the stored ones"
+            )
+
+
+def check_beton(
+    path: Path, expected: ConversionOptions | None = None, verify_checksum: bool = False
+) -> dict[str, Any]:
     """Return the manifest of `path` after checking that the file matches it.
 
+    Always checks that both files exist, the manifest format and the file
+    size. `expected` adds the conversion options; `verify_checksum` reads the
+    whole file.
+
     Raises:
-        DataError: the file or its manifest is missing, or they disagree.
+        OptionMismatchError: the file was written with other options than `expected`.
+        DataError: the file or its manifest is missing, stale or corrupt.
     """
     manifest_file = manifest_path(path)
     if not path.is_file():
@@ -149,37 +264,109 @@ def check_beton(path: Path, verify_checksum: bool = False) -> dict[str, Any]:
         raise DataError(
             f"corrupt manifest {manifest_file}: {exc}; run `rmctl data prepare`"
         ) from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(
+            f"{manifest_file} has manifest format {manifest.get('format')}, this version "
+            f"reads format {MANIFEST_FORMAT}; run `rmctl data prepare --force` to rewrite it"
+        )
+    size = path.stat().st_size
+    if size != manifest["size_bytes"]:
+        raise DataError(
+            f"{path} has {size} bytes but its manifest records {manifest['size_bytes']}; the "
+            "file changed after conversion; run `rmctl data prepare --force`"
+        )
+    if expected is not None:
+        _check_options(path, manifest, expected)
     if verify_checksum and _sha256(path) != manifest.get("sha256"):
         raise DataError(
-            f"{path} does not match the checksum in its manifest; run `rmctl data prepare`"
+            f"{path} does not match the checksum in its manifest; run `rmctl data prepare --force`"
         )
     return manifest
 
 
-# Each entry returns {split: (images, labels)} for one dataset name.
-_SOURCES: dict[str, Callable[[], dict[str, tuple[np.ndarray, np.ndarray]]]] = {
-    "digits": lambda: {name: (s.images, s.labels) for name, s in digits.digits_splits().items()},
-}
+def _needs_source(dataset: str) -> bool:
+    return dataset != "digits" and not dataset.startswith(IMAGEFOLDER_PREFIX)
 
 
-def prepare(dataset: str, data_dir: Path, force: bool = False) -> dict[str, Path]:
+def prepare(
+    dataset: str,
+    data_dir: Path,
+    force: bool = False,
+    source: Path | None = None,
+    options: ConversionOptions | None = None,
+    workers: int = 1,
+    download: bool = False,
+    classes_file: Path | None = None,
+) -> dict[str, Path]:
     """Convert `dataset` into one `.beton` per split unless valid files already exist.
 
+    Valid files are reused when their manifest records the requested
+    `options` (the dataset's defaults when None). Every split is read and
+    checked before the first file is written.
+
+    Args:
+        source: folder with the dataset in its standard layout; digits and
+            `imagefolder:PATH` need none.
+        workers: processes that check and convert images.
+        download: fetch the files into `source` with torchvision first.
+        classes_file: class-list file of ImageNet-100.
     Returns:
         The path of each split's `.beton`.
+    Raises:
+        OptionMismatchError: valid files exist with other options and `force` is off.
+        DataError: the source is missing, incomplete or corrupt.
     """
-    if dataset not in _SOURCES:
-        raise DataError(f"unknown dataset {dataset!r}; accepted: {', '.join(sorted(_SOURCES))}")
+    options = options or default_options(dataset)
     paths = {split: beton_path(data_dir, dataset, split) for split in SPLITS}
     if not force:
         try:
             for path in paths.values():
-                check_beton(path)
+                check_beton(path, expected=options)
             return paths
-        except DataError:
-            pass
+        except OptionMismatchError:
+            raise
+        except DataError as exc:
+            if _needs_source(dataset) and source is None:
+                raise DataError(
+                    f"{dataset} is not prepared in {data_dir} ({exc}); convert it from its "
+                    f"files with `rmctl data prepare {dataset} --source PATH`"
+                ) from exc
+
+    from resmom.data import catalog
+
+    if download:
+        if source is None:
+            raise DataError("--download needs --source, the folder to download into")
+        catalog.download(dataset, source)
+    split_sources = catalog.read_dataset(dataset, source, classes_file)
+    for split, split_source in split_sources.items():
+        sources.check_source(split_source, workers, f"{dataset} {split}")
     log.info("converting %s into %s", dataset, paths["train"].parent)
-    for split, (images, labels) in _SOURCES[dataset]().items():
-        manifest = write_beton(paths[split], images, labels, source=f"{dataset}:{split}")
+    for split, split_source in split_sources.items():
+        manifest = write_beton(paths[split], split_source, options, workers)
         log.info("wrote %s (%d images)", paths[split], manifest["count"])
     return paths
+
+
+def sample_indices(manifest: dict[str, Any], segment: str) -> np.ndarray | None:
+    """Return the uint64 indices of a named part of a `.beton`, or None for the whole file.
+
+    `segment` is a segment name from the manifest (STL-10's `train` and
+    `unlabeled`), `+`-joined names, or `labeled`: every segment but `unlabeled`.
+    """
+    segments = manifest.get("segments") or {}
+    if not segments:
+        if segment in ("labeled", "train", "test"):
+            return None
+        raise DataError(f"{manifest['source']} has no segment {segment!r}; it is not split")
+    if segment == "labeled":
+        names = [name for name in segments if name != "unlabeled"]
+    else:
+        names = segment.split("+")
+    unknown = [name for name in names if name not in segments]
+    if unknown:
+        raise DataError(
+            f"{manifest['source']} has no segment {unknown[0]!r}; it has {', '.join(segments)}"
+        )
+    ranges = [np.arange(*segments[name], dtype=np.uint64) for name in names]
+    return np.concatenate(ranges)

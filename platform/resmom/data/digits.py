@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-NUM_CLASSES = 10
+from resmom.data.registry import DATASET_INFO
+
+NUM_CLASSES = DATASET_INFO["digits"].num_classes
 RESOLUTION = 32
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
-# Per-channel statistics of the 32x32 training split in [0, 1] (all three
-# channels are equal); computed once with `digits_splits()` and SPLIT_SEED 0.
-MEAN = (0.3054, 0.3054, 0.3054)
-STD = (0.3237, 0.3237, 0.3237)
+MEAN = DATASET_INFO["digits"].mean
+STD = DATASET_INFO["digits"].std
 
 
 @dataclass(frozen=True)

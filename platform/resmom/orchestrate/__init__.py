@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from resmom import tracking
-from resmom.data.beton import prepare
+from resmom.data.beton import prepare, spec_options
 from resmom.specs import JobSpec
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def run_job(
         FileNotFoundError: `resume_run_id` has no checkpoint.
     """
     started = time.perf_counter()
-    paths = prepare(spec.data.dataset, data_dir)
+    paths = prepare(spec.data.dataset, data_dir, options=spec_options(spec.data))
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
     if resume_run_id is not None:
         if not has_checkpoint(data_dir, resume_run_id):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from resmom import tracking
-from resmom.data.beton import prepare
+from resmom.data.beton import prepare, spec_options
 from resmom.orchestrate import fit_job, has_checkpoint, init_ray
 from resmom.plan import Trial, expand, fingerprint
 from resmom.specs import JobSpec, SweepSpec
@@ -328,11 +328,13 @@ def run_sweep(record: SweepRecord, data_dir: Path, address: str | None = None) -
     started = time.perf_counter()
     sweep = record.sweep
     trials = expand(sweep)
-    datasets = sorted({trial.spec.data.dataset for trial in trials})
-    paths = {
-        name: {split: str(path) for split, path in prepare(name, data_dir).items()}
-        for name in datasets
-    }
+    # Every dataset is converted once, here; trials only read. Two trials that
+    # ask for one dataset with different conversion options make `prepare` raise.
+    paths: dict[str, dict[str, str]] = {}
+    requests = {(t.spec.data.dataset, spec_options(t.spec.data)) for t in trials}
+    for name, options in sorted(requests, key=str):
+        prepared = prepare(name, data_dir, options=options)
+        paths[name] = {split: str(path) for split, path in prepared.items()}
     tracking.reopen_run(record.tracking_uri, record.parent_run_id)
     init_ray(address)
 

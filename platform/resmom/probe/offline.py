@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from resmom import tracking
-from resmom.data.beton import prepare
+from resmom.data.beton import check_beton, prepare, spec_options
 from resmom.data.loaders import eval_loader
-from resmom.data.registry import DATASET_INFO
+from resmom.data.registry import dataset_info
 from resmom.probe.features import extract_features
 from resmom.probe.linear import fit_linear_probe, top1
 from resmom.specs import validate_job
@@ -32,15 +32,22 @@ def run_linear_probe(run_id: str, data_dir: Path, checkpoint_path: Path) -> dict
         raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint_path}")
     payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     spec = validate_job(json.loads(payload["spec"]), source=str(checkpoint_path))
-    info = DATASET_INFO[spec.data.dataset]
     networks = build(spec)
     networks.student.load_state_dict(payload["student"])
     networks.teacher.load_state_dict(payload["teacher"])
 
-    paths = prepare(spec.data.dataset, data_dir)
+    options = spec_options(spec.data)
+    paths = prepare(spec.data.dataset, data_dir, options=options)
+    info = dataset_info(spec.data.dataset, len(check_beton(paths["train"])["class_names"]))
     cpu = torch.device("cpu")
-    train = eval_loader(paths["train"], _BATCH, 0, 1, spec.data.loader_threads, cpu)
-    test = eval_loader(paths["test"], _BATCH, 0, 1, spec.data.loader_threads, cpu)
+    eval_options = {
+        "resolution": spec.data.resolution,
+        "crop_fraction": info.eval_crop_fraction,
+        "expected": options,
+    }
+    threads = spec.data.loader_threads
+    train = eval_loader(paths["train"], _BATCH, 0, 1, threads, cpu, **eval_options)
+    test = eval_loader(paths["test"], _BATCH, 0, 1, threads, cpu, **eval_options)
 
     metrics = {}
     backbones = {"student": networks.student.encoder.backbone, "teacher": networks.teacher.backbone}

@@ -20,8 +20,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from resmom import distributed as dist_utils
 from resmom.data.augment import TwoViewAugment
+from resmom.data.beton import check_beton, spec_options
 from resmom.data.loaders import TwoViewBatches, eval_loader, train_loader
-from resmom.data.registry import DATASET_INFO, DatasetInfo
+from resmom.data.registry import DatasetInfo, dataset_info
 from resmom.probe.features import extract_features
 from resmom.probe.knn import knn_top1
 from resmom.specs import JobSpec
@@ -160,14 +161,22 @@ def _online_probe_step(state: _State, features: torch.Tensor, labels: torch.Tens
     """
     inputs = features.flatten(0, 1).float()  # (V*B, F)
     targets = labels.long().repeat(features.shape[0])  # (V*B,), view-major like `inputs`
+    # Unlabeled images (label -1) count in neither loss nor accuracy. Every rank
+    # still steps, so that all ranks run the same gradient all-reduces.
+    # NOTE: a batch without labels scores 0, which lowers the epoch mean when
+    # training reads unlabeled images. A mean weighted by label count would fix it.
+    labeled = (targets >= 0).float()
+    count = labeled.sum().clamp(min=1)
     logits = state.online_head(inputs)
-    loss = nn.functional.cross_entropy(logits, targets)
+    losses = nn.functional.cross_entropy(logits, targets.clamp(min=0), reduction="none")
+    loss = (losses * labeled).sum() / count
     state.online_optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for parameter in state.online_head.parameters():
         parameter.grad = dist_utils.all_reduce_mean(parameter.grad)
     state.online_optimizer.step()
-    return (logits.argmax(1) == targets).float().mean().detach()
+    correct = (logits.argmax(1) == targets).float()
+    return ((correct * labeled).sum() / count).detach()
 
 
 def _knn_metrics(state: _State, bank_loader, query_loader, info: DatasetInfo) -> dict[str, float]:
@@ -266,7 +275,9 @@ def fit(
     rank, world = dist_utils.rank(), dist_utils.world_size()
     if world != spec.run.workers:
         log.warning("spec asks for %d workers but %d are running", spec.run.workers, world)
-    info = DATASET_INFO[spec.data.dataset]
+    options = spec_options(spec.data)
+    manifest = check_beton(train_path, options)
+    info = dataset_info(spec.data.dataset, len(manifest["class_names"]))
     batch_per_rank = spec.optim.batch_size // world
 
     torch.manual_seed(spec.seed)
@@ -287,7 +298,11 @@ def fit(
     optimizer = build_optimizer(networks.student, spec.optim)
 
     threads = spec.data.loader_threads
-    loader = train_loader(train_path, batch_per_rank, spec.seed, world > 1, threads, device)
+    resolution = spec.data.resolution
+    loader = train_loader(
+        train_path, batch_per_rank, spec.seed, world > 1, threads, device,
+        resolution=resolution, split=spec.data.train_split, expected=options,
+    )  # fmt: skip
     if len(loader) == 0:
         raise ValueError(
             f"optim.batch_size {spec.optim.batch_size} is larger than the training split "
@@ -303,8 +318,13 @@ def fit(
         device=device,
     )
     batches = TwoViewBatches(loader, augment)
-    bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device)
-    query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device)
+    eval_options = {
+        "resolution": resolution,
+        "crop_fraction": info.eval_crop_fraction,
+        "expected": options,
+    }
+    bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
+    query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
 
     scaler = torch.amp.GradScaler(device.type, enabled=spec.optim.precision == "fp16")
     feature_dim = networks.student.encoder.backbone.feature_dim
