@@ -104,3 +104,29 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path: Path):
 def test_missing_checkpoint_named(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "last.pt", _spec())
+
+
+def test_divergence_keeps_last_good_checkpoint(
+    digits_paths: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import dataclasses
+
+    from resmom.train import loop
+
+    spec = _spec("byol")
+    steps_per_epoch = 1437 // spec.optim.batch_size
+    real_step = loop.forward_step
+    calls = []
+
+    def nan_in_second_epoch(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) <= steps_per_epoch:
+            return out
+        return dataclasses.replace(out, loss=out.loss * float("nan"))
+
+    monkeypatch.setattr(loop, "forward_step", nan_in_second_epoch)
+    with pytest.raises(loop.DivergenceError, match="diverged in epoch 2.*loss/total"):
+        fit(spec, digits_paths["train"], digits_paths["test"], CPU, checkpoint_dir=tmp_path)
+    saved = torch.load(tmp_path / checkpoint.CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 1

@@ -61,7 +61,7 @@ def _parent(client: MlflowClient, name: str):
 
 @pytest.fixture(scope="module")
 def finished_sweep(data_dir: Path, ray_session, clean_env):
-    """Alpha {0, 1} x batch {64, too large}: two trials finish, two fail."""
+    """Alpha {0, 1} x lr {0.1, 1e30}: two trials finish, two diverge."""
     args = [
         "sweep",
         str(DIGITS_SWEEP),
@@ -76,7 +76,7 @@ def finished_sweep(data_dir: Path, ray_session, clean_env):
         "--set",
         "space.rm.alpha={grid: [0.0, 1.0]}",
         "--set",
-        "space.optim.batch_size={grid: [64, 100000]}",
+        "space.optim.lr={grid: [0.1, 1.0e30]}",
     ]
     for assignment in TINY:
         args += ["--set", assignment]
@@ -90,7 +90,7 @@ def test_sweep_reports_failed_trials_and_exits_1(finished_sweep):
     assert result.exit_code == 1, result.output
     assert "trial t001 failed" in result.output
     assert "trial t003 failed" in result.output
-    assert "larger than the training split" in result.output
+    assert "training diverged in epoch 1" in result.output
 
 
 def test_parent_and_child_runs(finished_sweep):
@@ -101,7 +101,9 @@ def test_parent_and_child_runs(finished_sweep):
     assert sorted(children) == ["t000", "t001", "t002", "t003"]
     statuses = {key: run.info.status for key, run in children.items()}
     assert statuses == {"t000": "FINISHED", "t001": "FAILED", "t002": "FINISHED", "t003": "FAILED"}
-    assert "larger than the training split" in children["t001"].data.tags["error"]
+    assert "training diverged in epoch 1" in children["t001"].data.tags["error"]
+    assert children["t001"].data.tags["diverged"] == "true"
+    assert "diverged" not in children["t000"].data.tags
     assert children["t002"].data.params["rm.alpha"] == "1.0"
     assert children["t002"].data.tags["variant"] == "rm"
     assert children["t000"].data.tags["variant"] == "baseline"
@@ -151,7 +153,9 @@ def test_ls_lists_the_sweep_and_its_trials(finished_sweep, data_dir):
     assert trials.exit_code == 0, trials.output
     rows = [line.split("│")[1:3] for line in trials.output.splitlines() if line.startswith("│ t0")]
     statuses = {key.strip(): status.strip() for key, status in rows}
+    # A narrow terminal wraps "(diverged)" onto the cell's next line.
     assert statuses == {"t000": "FINISHED", "t001": "FAILED", "t002": "FINISHED", "t003": "FAILED"}
+    assert trials.output.count("(diverged)") == 2
 
 
 def test_rerun_with_the_same_spec_adds_no_runs(finished_sweep):

@@ -266,3 +266,14 @@ def test_asha_scheduler_follows_the_spec(tmp_path):
     assert scheduler._time_attr == "epoch"
     assert scheduler._max_t == 8
     assert _scheduler(load_sweep(_write(tmp_path, _sweep())), epochs=8) is None
+
+
+def test_validate_checks_sweeps_and_their_trials(tmp_path):
+    path = _write(tmp_path, _sweep(space={"rm.alpha": {"grid": [0.0, 1.0]}}))
+    runner = CliRunner()
+    valid = runner.invoke(app, ["validate", str(path)])
+    assert valid.exit_code == 0, valid.output
+    assert "sweep spec s (2 trials)" in valid.output
+    invalid = runner.invoke(app, ["validate", str(path), "--set", "space.rm.alpha={grid: [-1]}"])
+    assert invalid.exit_code == 2
+    assert "rm.alpha: Input should be greater than or equal to 0" in invalid.output

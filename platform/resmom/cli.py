@@ -20,7 +20,7 @@ from rich.table import Table
 
 from resmom.data.registry import IMAGEFOLDER_PREFIX, NEEDS_CLASS_LIST, is_known_dataset
 from resmom.paths import resolve_data_dir
-from resmom.specs import DATASETS, SpecError, load_job, load_sweep
+from resmom.specs import DATASETS, SpecError, load_job, load_sweep, read_yaml_mapping
 
 app = typer.Typer(
     help="Residual-momentum SSL experiments on Ray, FFCV and MLflow.", no_args_is_help=True
@@ -67,11 +67,21 @@ def _setup_logging() -> None:
 
 @app.command()
 def validate(
-    spec_file: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    spec_file: Annotated[Path, typer.Argument(help="Job or sweep spec (YAML).")],
     overrides: OverrideOption = None,
 ) -> None:
-    """Check a job spec without running it."""
+    """Check a job spec, or a sweep spec and every trial it expands to, without running it."""
+    from resmom.plan import expand
+
     try:
+        # A sweep spec is the one with a `base` job; everything else is a job.
+        if "base" in read_yaml_mapping(spec_file):
+            sweep = load_sweep(spec_file, overrides)
+            trials = expand(sweep)
+            console.print(
+                f"{spec_file}: valid sweep spec [bold]{sweep.name}[/] ({len(trials)} trials)"
+            )
+            return
         spec = load_job(spec_file, overrides)
     except SpecError as exc:
         raise _fail(str(exc), EXIT_INVALID) from None
@@ -408,7 +418,7 @@ def list_sweeps(
         gap = row.metrics.get("gap/intra_cos")
         table.add_row(
             row.key,
-            row.status,
+            f"{row.status} (diverged)" if row.diverged else row.status,
             ", ".join(filter(None, [f"rm.alpha={row.alpha:g}", f"seed={row.seed}", row.setting])),
             "-" if knn is None else f"{knn:.2%}",
             "-" if gap is None else f"{gap:.4f}",

@@ -285,6 +285,12 @@ class RunSpec(_Strict):
     checkpoint_every: int = Field(
         5, ge=1, description="epochs between checkpoints; one is also written at the end"
     )
+    max_failures: int = Field(
+        0,
+        ge=0,
+        description="times Ray Train restarts a failed worker group, each time from the "
+        "last checkpoint",
+    )
     experiment: str = Field("resmom", min_length=1, description="MLflow experiment name")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"

@@ -17,8 +17,12 @@ from typing import Any
 from resmom import tracking
 from resmom.data.beton import prepare, spec_options
 from resmom.specs import JobSpec
+from resmom.train.checkpoint import CHECKPOINT_NAME
 
 log = logging.getLogger(__name__)
+
+# A metric that the worker loop logs every epoch.
+_EPOCH_KEY = "loss/total"
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -77,16 +81,25 @@ def _train_worker(config: dict[str, Any]) -> None:
     _log_to_stdout()
     _quiet_ray_reports()
     spec = JobSpec.model_validate(config["spec"])
+    folder = Path(config["checkpoint_dir"])
+    # Ray Train restarts a failed worker group with the same config, so a
+    # checkpoint that a fresh run finds can only come from the failed group.
+    resume = config["resume"] or (folder / CHECKPOINT_NAME).is_file()
     context = ray.train.get_context()
     logger = None
+    logged_epochs = 0
     if context.get_world_rank() == 0:
         logger = tracking.MetricsLogger(config["tracking_uri"], config["run_id"])
+        if resume:
+            logged_epochs = logger.last_step(_EPOCH_KEY)
 
     def on_epoch(epoch: int, metrics: dict[str, float], written: Path | None) -> None:
-        if logger is not None:
+        # Epochs after the last checkpoint are trained again after a restart
+        # and give the same metrics (resume is exact), so they are logged once.
+        if logger is not None and epoch > logged_epochs:
             logger.log(metrics, step=epoch)
-            if written is not None:
-                logger.log_checkpoint(written)
+        if logger is not None and written is not None:
+            logger.log_checkpoint(written)
         ray.train.report({"epoch": epoch, **metrics})
 
     fit(
@@ -95,8 +108,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         Path(config["test_path"]),
         ray.train.torch.get_device(),
         on_epoch=on_epoch,
-        checkpoint_dir=Path(config["checkpoint_dir"]),
-        resume=config["resume"],
+        checkpoint_dir=folder,
+        resume=resume,
     )
 
 
@@ -116,9 +129,10 @@ def fit_job(
     """Train `spec` with its DDP workers under Ray Train, logging into MLflow run `run_id`.
 
     Raises:
+        TrainingDiverged: a worker's loss became NaN or infinite.
         RuntimeError: a worker failed; the message carries the worker's error.
     """
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": spec.run.cpus_per_worker}
@@ -144,14 +158,35 @@ def fit_job(
             name=f"{spec.name}-{run_id[:8]}",
             storage_path=str(data_dir / "ray"),
             callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=spec.run.max_failures),
         ),
     )
     try:
         result = trainer.fit()
+        error = result.error
     except Exception as exc:  # Ray raises its own error types for worker failures.
-        raise RuntimeError(f"training failed: {_root_message(exc)}") from exc
-    if result.error is not None:
-        raise RuntimeError(f"training failed: {_root_message(result.error)}") from result.error
+        error = exc
+    if error is not None:
+        message = _root_message(error)
+        if "DivergenceError" in message:
+            raise TrainingDiverged(message.partition(": ")[2] or message) from error
+        raise RuntimeError(f"training failed: {message}") from error
+
+
+class TrainingDiverged(RuntimeError):
+    """A worker stopped because the loss became NaN or infinite; its last checkpoint is kept."""
+
+
+# Maximum error text kept in an MLflow tag (MLflow 3 caps tag values at 8000 characters).
+_ERROR_CHARS = 4000
+
+
+def failure_tags(error: BaseException) -> dict[str, str]:
+    """MLflow tags that record why a run failed: `error`, and `diverged` for a NaN loss."""
+    tags = {"error": str(error)[:_ERROR_CHARS]}
+    if isinstance(error, TrainingDiverged):
+        tags["diverged"] = "true"
+    return tags
 
 
 def _root_message(error: BaseException) -> str:
@@ -164,7 +199,7 @@ def _root_message(error: BaseException) -> str:
 
 
 def has_checkpoint(data_dir: Path, run_id: str) -> bool:
-    return (checkpoint_dir(data_dir, run_id) / "last.pt").is_file()
+    return (checkpoint_dir(data_dir, run_id) / CHECKPOINT_NAME).is_file()
 
 
 def run_job(
@@ -176,7 +211,9 @@ def run_job(
         resume_run_id: continue this MLflow run from its last checkpoint.
 
     Raises:
-        RuntimeError: training failed; the MLflow run is marked FAILED.
+        TrainingDiverged: the loss became NaN or infinite; the run is marked FAILED
+            with the tag `diverged`.
+        RuntimeError: training failed; the MLflow run is marked FAILED with the tag `error`.
         FileNotFoundError: `resume_run_id` has no checkpoint.
     """
     started = time.perf_counter()
@@ -191,13 +228,13 @@ def run_job(
         run_id = tracking.open_run(spec, tracking_uri, data_dir)
     log.info("MLflow run %s in %s", run_id, tracking_uri)
 
-    failed = True
     try:
         init_ray(address)
         fit_job(spec, paths, tracking_uri, run_id, data_dir, resume=resume_run_id is not None)
-        failed = False
-    finally:
-        tracking.finish_run(tracking_uri, run_id, failed=failed)
+    except BaseException as exc:
+        tracking.end_run(tracking_uri, run_id, "FAILED", failure_tags(exc))
+        raise
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
 
     metrics = tracking.latest_metrics(tracking_uri, run_id)
     return JobResult(run_id, tracking_uri, metrics, time.perf_counter() - started)

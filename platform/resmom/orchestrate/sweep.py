@@ -21,7 +21,7 @@ from typing import Any
 
 from resmom import tracking
 from resmom.data.beton import prepare, spec_options
-from resmom.orchestrate import fit_job, has_checkpoint, init_ray
+from resmom.orchestrate import failure_tags, fit_job, has_checkpoint, init_ray
 from resmom.plan import Trial, expand, fingerprint
 from resmom.specs import JobSpec, SweepSpec
 
@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 RECORD_NAME = "sweep.json"
 TUNE_FOLDER = "tune"
-# Maximum error text kept in an MLflow tag (MLflow 3 caps tag values at 8000 characters).
-_ERROR_CHARS = 4000
 # Bytes of Ray's memory resource each trial's own process reserves.
 _TRIAL_MEMORY = 64 * 2**20
 
@@ -148,13 +146,13 @@ def _run_trial(config: dict[str, Any]) -> None:
             spec, paths, tracking_uri, run_id, data_dir, resume, callbacks=[TuneReportCallback()]
         )
     except BaseException as exc:
-        tracking.end_run(tracking_uri, run_id, "FAILED", {"error": str(exc)[:_ERROR_CHARS]})
+        tracking.end_run(tracking_uri, run_id, "FAILED", failure_tags(exc))
         raise
     tracking.end_run(tracking_uri, run_id, "FINISHED")
 
 
 class _Progress:
-    """Tune callback printing one line per trial event, with counts and the best so far."""
+    """Tune callback that logs trial events with counts and the best trial by its latest value."""
 
     def __init__(self, total: int, metric: str, mode: str, describe: dict[str, str]) -> None:
         self.total, self.metric, self.mode = total, metric, mode
@@ -162,7 +160,7 @@ class _Progress:
         self.done: set[str] = set()
         self.failed: set[str] = set()
         self.running: set[str] = set()
-        self.best: tuple[float, str] | None = None
+        self.latest: dict[str, float] = {}  # trial key -> its last reported metric value
 
     @staticmethod
     def key(trial) -> str:
@@ -170,8 +168,10 @@ class _Progress:
 
     def summary(self) -> str:
         best = ""
-        if self.best is not None:
-            best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})"
+        if self.latest:
+            choose = max if self.mode == "max" else min
+            key = choose(self.latest, key=self.latest.__getitem__)
+            best = f"; best {self.metric} {self.latest[key]:.4f} ({key})"
         return (
             f"[{len(self.done)}/{self.total} done, {len(self.failed)} failed, "
             f"{len(self.running)} running{best}]"
@@ -186,8 +186,7 @@ class _Progress:
         key, value = self.key(trial), result.get(self.metric)
         if value is None:
             return
-        if self.best is None or (value > self.best[0]) == (self.mode == "max"):
-            self.best = (float(value), key)
+        self.latest[key] = float(value)
         epoch = result.get("epoch", "?")
         log.info("trial %s epoch %s: %s %.4f", key, epoch, self.metric, value)
 

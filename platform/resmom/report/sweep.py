@@ -44,6 +44,7 @@ class TrialRow:
     setting: str  # the trial's other searched values, e.g. "optim.lr=0.05"
     metrics: dict[str, float]
     error: str | None = None
+    diverged: bool = False
 
 
 @dataclass
@@ -93,6 +94,7 @@ def collect(tracking_uri: str, parent_run_id: str) -> list[TrialRow]:
                 setting=setting,
                 metrics=dict(run.data.metrics),
                 error=tags.get("error"),
+                diverged=tags.get("diverged") == "true",
             )
         )
     return sorted(rows, key=lambda row: row.key)
@@ -136,17 +138,21 @@ def _delta(target: Group, baseline: Group | None, key: str) -> float | None:
     return None if ours is None or theirs is None else ours - theirs
 
 
-def _cell(mean: float | None, std: float | None, percent: bool) -> str:
+def _cell(mean: float | None, std: float | None, percent: bool, compact: bool = False) -> str:
     if mean is None:
         return "-"
+    if compact:
+        return f"{100 * mean:.1f}±{100 * std:.1f}" if percent else f"{mean:.3f}±{std:.3f}"
     if percent:
         return f"{100 * mean:.2f} ± {100 * std:.2f}"
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def _delta_cell(value: float | None, percent: bool) -> str:
+def _delta_cell(value: float | None, percent: bool, compact: bool = False) -> str:
     if value is None:
         return "-"
+    if compact:
+        return f"{100 * value:+.1f}" if percent else f"{value:+.3f}"
     return f"{100 * value:+.2f}" if percent else f"{value:+.4f}"
 
 
@@ -165,8 +171,11 @@ def _is_percent(key: str) -> bool:
     return next(percent for k, _, percent in REPORT_METRICS if k == key)
 
 
-def table_rows(groups: list[Group]) -> list[list[str]]:
-    """Formatted table cells: mean ± std over seeds (accuracies in %), then the deltas."""
+def table_rows(groups: list[Group], compact: bool = False) -> list[list[str]]:
+    """Format table cells: mean ± std over seeds (accuracies in %), then the deltas.
+
+    `compact` drops a digit and the spaces, for terminals.
+    """
     rows = []
     for target in groups:
         baseline = baseline_of(target, groups)
@@ -177,16 +186,34 @@ def table_rows(groups: list[Group]) -> list[list[str]]:
             f"{target.alpha:g}",
             str(len(target.rows)),
         ]
-        cells += [_cell(target.mean(k), target.std(k), pct) for k, _, pct in REPORT_METRICS]
-        cells += [_delta_cell(_delta(target, baseline, k), _is_percent(k)) for k in DELTA_METRICS]
+        cells += [
+            _cell(target.mean(k), target.std(k), pct, compact) for k, _, pct in REPORT_METRICS
+        ]
+        cells += [
+            _delta_cell(_delta(target, baseline, k), _is_percent(k), compact) for k in DELTA_METRICS
+        ]
         rows.append(cells)
     return rows
 
 
 def rich_table(title: str, groups: list[Group]) -> Table:
-    """Build the terminal table: the Markdown table without the columns that are empty."""
-    header, rows = _header(), table_rows(groups)
-    keep = [i for i in range(len(header)) if any(row[i] != "-" for row in rows)]
+    """Build the terminal table: the compact cells, without columns that are empty or constant.
+
+    A column with one value in every row (one dataset, one method) moves
+    into the title.
+    """
+    header, rows = _header(), table_rows(groups, compact=True)
+    keep, constant = [], []
+    for i in range(len(header)):
+        values = {row[i] for row in rows}
+        if values == {"-"}:
+            continue
+        if i < 2 and len(values) == 1 and len(rows) > 1:
+            constant.append(rows[0][i])
+            continue
+        keep.append(i)
+    if constant:
+        title = f"{title} ({', '.join(constant)})"
     table = Table(title=title)
     for i in keep:
         short = (

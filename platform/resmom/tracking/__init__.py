@@ -112,10 +112,6 @@ def reopen_run(tracking_uri: str, run_id: str) -> str:
     return run_id
 
 
-def finish_run(tracking_uri: str, run_id: str, failed: bool) -> None:
-    _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
-
-
 def end_run(
     tracking_uri: str, run_id: str, status: str, tags: dict[str, str] | None = None
 ) -> None:
@@ -187,6 +183,11 @@ class MetricsLogger:
         timestamp = int(time.time() * 1000)
         batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
+
+    def last_step(self, key: str) -> int:
+        """Return the highest step logged for `key` in this run, 0 if none."""
+        history = self.client.get_metric_history(self.run_id, key)
+        return max((metric.step for metric in history), default=0)
 
     def log_checkpoint(self, path: Path) -> None:
         """Copy a checkpoint file into the run's artifacts under `checkpoints/`."""
