@@ -418,7 +418,7 @@ def list_sweeps(
         gap = row.metrics.get("gap/intra_cos")
         table.add_row(
             row.key,
-            f"{row.status} (diverged)" if row.diverged else row.status,
+            "DIVERGED" if row.diverged else row.status,
             ", ".join(filter(None, [f"rm.alpha={row.alpha:g}", f"seed={row.seed}", row.setting])),
             "-" if knn is None else f"{knn:.2%}",
             "-" if gap is None else f"{gap:.4f}",
