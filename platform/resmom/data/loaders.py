@@ -22,7 +22,7 @@ expected conversion options) before FFCV opens it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +193,19 @@ def eval_loader(
 # loading avoids the known causes; a watchdog around `next()` would fix the rest.
 
 
+def keep_torch_threads(loader: Iterable) -> Iterator:
+    """Iterate `loader` with the torch thread count that was set before the epoch started.
+
+    FFCV 1.0.2 sets torch's intra-op thread count to the loader's
+    `num_workers` whenever an epoch starts, which would leave the model and
+    the augmentation on `data.loader_threads` threads.
+    """
+    threads = torch.get_num_threads()
+    iterator = iter(loader)
+    torch.set_num_threads(threads)
+    yield from iterator
+
+
 class TwoViewBatches:
     """Iterate (view_a, view_b, labels) batches: FFCV decode, then batched augmentation.
 
@@ -208,6 +221,6 @@ class TwoViewBatches:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for images, labels, aspects in self.loader:
+        for images, labels, aspects in keep_torch_threads(self.loader):
             view_a, view_b = self.augment(images, aspects)
             yield view_a, view_b, labels

@@ -7,6 +7,7 @@ from torch import nn
 
 from resmom import distributed as dist_utils
 from resmom.data.augment import normalize
+from resmom.data.loaders import keep_torch_threads
 from resmom.data.registry import DatasetInfo
 
 
@@ -22,7 +23,7 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets in keep_torch_threads(loader):
         features.append(backbone(normalize(images, info.mean, info.std)).float())
         labels.append(targets.long())
     backbone.train(was_training)

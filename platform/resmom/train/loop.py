@@ -355,6 +355,10 @@ def fit(
     }
     bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
     query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
+    # One intra-op thread per CPU that Ray gives this worker, set after the
+    # loaders because FFCV's Loader sets torch to its own thread count; the
+    # epochs keep this count (`keep_torch_threads`).
+    torch.set_num_threads(max(1, int(spec.run.cpus_per_worker)))
 
     scaler = torch.amp.GradScaler(device.type, enabled=spec.optim.precision == "fp16")
     feature_dim = networks.student.encoder.backbone.feature_dim
