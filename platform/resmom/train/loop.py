@@ -138,8 +138,8 @@ def _train_epoch(state: _State, batches: TwoViewBatches) -> dict[str, float]:
     elapsed = time.perf_counter() - started
     means = dist_utils.all_reduce_mean(sums / state.steps_per_epoch).cpu()
     if not torch.isfinite(means).all():
-        # Raised before this epoch's checkpoint, so the last one on disk holds
-        # weights from before the divergence.
+        # Raised before this epoch's checkpoint, so the last one on disk
+        # contains weights from before the divergence.
         bad = [key for key, value in zip(_STEP_KEYS, means.tolist(), strict=True)
                if not math.isfinite(value)]  # fmt: skip
         raise DivergenceError(
@@ -355,9 +355,9 @@ def fit(
     }
     bank_loader = eval_loader(train_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
     query_loader = eval_loader(test_path, _EVAL_BATCH, rank, world, threads, device, **eval_options)
-    # One intra-op thread per CPU that Ray gives this worker, set after the
-    # loaders because FFCV's Loader sets torch to its own thread count; the
-    # epochs keep this count (`keep_torch_threads`).
+    # One intra-op thread per CPU that Ray gives this worker. It is set after
+    # the loaders, because FFCV's Loader sets torch to its own thread count,
+    # and `keep_torch_threads` keeps it across epochs.
     torch.set_num_threads(max(1, int(spec.run.cpus_per_worker)))
 
     scaler = torch.amp.GradScaler(device.type, enabled=spec.optim.precision == "fp16")
