@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -48,14 +49,13 @@ def main() -> None:
         seconds[name] = time.perf_counter() - started
 
     rows = []
-    for name in BENCHMARKS:
+    for name in names:
         path = RESULTS / f"{name}.json"
         if path.is_file():
             for ratio in json.loads(path.read_text()).get("ratios", []):
                 rows.append({"benchmark": name, **ratio})
-    machine = (
-        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}" + (
+        f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     )
     width = max(len(row["name"]) for row in rows) if rows else 10
     print(f"\nRatios against peers measured in the same run ({machine}):")

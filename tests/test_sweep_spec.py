@@ -130,14 +130,14 @@ def test_invalid_trial_names_the_trial_and_the_field(tmp_path):
     with pytest.raises(SpecError) as caught:
         expand(load_sweep(path))
     text = str(caught.value)
-    assert "trial 0" in text
+    assert "trial t000" in text
     assert "rm.alfa: unknown key" in text
     assert "alpha" in text
 
 
 def test_trial_that_breaks_a_job_rule_is_refused(tmp_path):
     path = _write(tmp_path, _sweep(space={"optim.batch_size": {"grid": [128, 127]}}))
-    with pytest.raises(SpecError, match="(?s)trial 1.*divisible by run.workers"):
+    with pytest.raises(SpecError, match="(?s)trial t001.*divisible by run.workers"):
         expand(load_sweep(path))
 
 
@@ -277,3 +277,12 @@ def test_validate_checks_sweeps_and_their_trials(tmp_path):
     invalid = runner.invoke(app, ["validate", str(path), "--set", "space.rm.alpha={grid: [-1]}"])
     assert invalid.exit_code == 2
     assert "rm.alpha: Input should be greater than or equal to 0" in invalid.output
+
+
+def test_error_messages_keep_square_brackets(tmp_path):
+    path = _write(tmp_path, _sweep())
+    result = CliRunner().invoke(
+        app, ["sweep", str(path), "--dry-run", "--set", "space.optim.lr={loguniform: [0, 1]}"]
+    )
+    assert result.exit_code == 2
+    assert "needs [low, high] with 0 < low < high" in result.output

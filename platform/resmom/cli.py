@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from resmom.data.registry import IMAGEFOLDER_PREFIX, NEEDS_CLASS_LIST, is_known_dataset
@@ -57,7 +58,8 @@ EXIT_INVALID = 2
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Escaped, because paths and values may contain "[...]", which Rich reads as markup.
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(code)
 
 

@@ -95,11 +95,11 @@ def expand(sweep: SweepSpec) -> list[Trial]:
             for key, value in [*sweep.fixed.items(), *overrides.items()]:
                 set_path(raw, key, value)
         except SpecError as exc:
-            raise SpecError(f"sweep {sweep.name}, trial {index}: {exc}") from None
+            raise SpecError(f"sweep {sweep.name}, trial t{index:03d}: {exc}") from None
         set_path(raw, "run", _run_section(sweep, raw))
         raw["name"] = f"{sweep.name}-t{index:03d}"
         described = ", ".join(f"{k}={_short(v)}" for k, v in overrides.items())
-        spec = validate_job(raw, f"sweep {sweep.name}, trial {index} ({described})")
+        spec = validate_job(raw, f"sweep {sweep.name}, trial t{index:03d} ({described})")
         trials.append(Trial(index, overrides, spec))
     return trials
 

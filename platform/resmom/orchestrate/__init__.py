@@ -45,9 +45,14 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A local instance listens on loopback only. Workers import `resmom` from
-    # the installed package; the driver's working directory is not shipped.
-    ray.init(_node_ip_address="127.0.0.1", log_to_driver=True)
+    # Workers import `resmom` from the installed package; the driver's working
+    # directory is not shipped. The dashboard listens on 127.0.0.1 only.
+    # NOTE: Ray 2.60 registers the node under the host's routable address
+    # even when asked for 127.0.0.1 (`services.resolve_ip_for_localhost`), so
+    # its GCS and raylet are reachable from the network, guarded by Ray's token
+    # authentication (on by default in 2.60). A loopback-only local mode would
+    # need support in Ray, or a firewall rule on shared hosts.
+    ray.init(dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def _log_to_stdout() -> None:
