@@ -7,7 +7,7 @@ worker of one CPU. The ratio therefore measures what the platform adds: Ray
 start-up, a Tune trial and a Ray Train worker group per trial, and MLflow
 logging. Writes JSON and Markdown under bench/results/.
 
-Usage: python bench/sweep_overhead.py [--epochs 12] [--trials 2]
+Usage: python bench/sweep_overhead.py [--epochs 20] [--trials 2]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _fit_in_fresh_process(spec, paths: dict[str, Path], checkpoints: Path) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--trials", type=int, default=2)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
