@@ -413,9 +413,10 @@ def list_sweeps(
     except SweepError as exc:
         raise _fail(str(exc), EXIT_INVALID) from None
     table = Table(title=f"sweep {name} ({_parent_status(record)})")
-    for column in ("trial", "status", "values", "kNN student", "intra gap", "run", "error"):
+    for column in ("trial", "status", "values", "kNN student", "intra gap", "MLflow run"):
         table.add_column(column)
-    for row in collect(record.tracking_uri, record.parent_run_id):
+    rows = collect(record.tracking_uri, record.parent_run_id)
+    for row in rows:
         knn = row.metrics.get("probe/knn_top1_student")
         gap = row.metrics.get("gap/intra_cos")
         table.add_row(
@@ -425,9 +426,12 @@ def list_sweeps(
             "-" if knn is None else f"{knn:.2%}",
             "-" if gap is None else f"{gap:.4f}",
             row.run_id,
-            (row.error or "")[:80],
         )
     console.print(table)
+    # Errors go below the table, where a narrow terminal does not cut them.
+    for row in rows:
+        if row.error:
+            console.print(f"{row.key}: {row.error}", highlight=False, markup=False)
 
 
 def _expand_quietly(record) -> list:
