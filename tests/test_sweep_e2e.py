@@ -273,3 +273,46 @@ def test_killed_sweep_resumes_without_duplicates(data_dir: Path, ray_session, cl
     assert {k: r.info.run_id for k, r in _children(client, parent_id).items()} == {
         k: r.info.run_id for k, r in children.items()
     }
+
+
+@pytest.mark.slow
+def test_soak_twenty_trials_with_two_failures(data_dir: Path, ray_session, clean_env):
+    """Run 20 one-epoch trials, 2 diverging: 18 finish, 2 fail, and a resume changes nothing."""
+    learning_rates = [0.1] * 9 + [1.0e30] + [0.1] * 9 + [1.0e30]
+    args = [
+        "sweep",
+        str(DIGITS_SWEEP),
+        "--data-dir",
+        str(data_dir),
+        "--set",
+        "name=e2e_soak",
+        "--set",
+        "fixed.optim.epochs=1",
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "space.rm.alpha={grid: [1.0]}",
+        "--set",
+        f"space.optim.lr={{grid: {learning_rates}}}",
+    ]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+
+    client = MlflowClient(tracking_uri=local_tracking_uri(data_dir))
+    parent_id = _parent(client, "e2e_soak").info.run_id
+    children = _children(client, parent_id)
+    statuses = [run.info.status for run in children.values()]
+    assert len(children) == 20
+    assert statuses.count("FINISHED") == 18
+    assert statuses.count("FAILED") == 2
+    assert {key for key, run in children.items() if run.info.status == "FAILED"} == {"t009", "t019"}
+
+    again = CliRunner().invoke(app, ["sweep", "--resume", "e2e_soak", "--data-dir", str(data_dir)])
+    assert again.exit_code == 1, again.output
+    after = _children(client, parent_id)
+    assert {k: r.info.run_id for k, r in after.items()} == {
+        k: r.info.run_id for k, r in children.items()
+    }
+    assert [r.info.status for r in after.values()] == statuses
