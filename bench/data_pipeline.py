@@ -12,9 +12,9 @@ recipe, and use the same number of workers:
   GaussianBlur, Solarize, ToTensor, Normalize) applied twice per image in
   `workers` DataLoader processes.
 
-The first epoch of each side is a warm-up (FFCV compiles its pipeline with
-numba; DataLoader starts its processes); the table reports the median
-images/s of the timed epochs. Also reported: FFCV decoding alone, the
+The first epoch of each side is a warm-up, because FFCV compiles its
+pipeline with numba and DataLoader starts its processes. The table reports
+the median images/s of the timed epochs. Also reported: FFCV decoding alone, the
 augmentation alone, and the conversion time split into the pre-pass that
 decodes every image and the writing. Writes JSON and Markdown under
 bench/results/.

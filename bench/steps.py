@@ -22,7 +22,7 @@ from resmom.train.optim import build_optimizer
 
 @dataclass(frozen=True)
 class StepSetup:
-    """What both sides of a comparison share: backbone, heads, batch, device, precision."""
+    """Settings that both sides of a comparison share: backbone, heads, batch, device, precision."""
 
     backbone: str = "resnet18"
     width: int = 16

@@ -1,7 +1,7 @@
 """`rmctl sweep` end to end: Ray Tune trials, each a Ray Train job of 2 gloo workers, FFCV, MLflow.
 
-One sweep of 4 one-epoch trials covers the parent and child runs, a failing
-trial, the report and a rerun; a second sweep has its driver killed and is
+One sweep of 4 one-epoch trials covers the parent and child runs, failing
+trials, the report and a rerun. A second sweep has its driver killed and is
 then resumed.
 """
 
@@ -59,27 +59,25 @@ def _parent(client: MlflowClient, name: str):
     return parent
 
 
+def _sweep_args(data_dir: Path, *assignments: str) -> list[str]:
+    """Build `rmctl sweep` arguments for the shipped digits sweep, shrunk by TINY."""
+    args = ["sweep", str(DIGITS_SWEEP), "--data-dir", str(data_dir)]
+    for assignment in [*assignments, *TINY]:
+        args += ["--set", assignment]
+    return args
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(data_dir: Path, ray_session, clean_env):
     """Alpha {0, 1} x lr {0.1, 1e30}: two trials finish, two diverge."""
-    args = [
-        "sweep",
-        str(DIGITS_SWEEP),
-        "--data-dir",
-        str(data_dir),
-        "--set",
+    args = _sweep_args(
+        data_dir,
         "name=e2e_alpha",
-        "--set",
         "fixed.optim.epochs=1",
-        "--set",
         "seeds=[0]",
-        "--set",
         "space.rm.alpha={grid: [0.0, 1.0]}",
-        "--set",
         "space.optim.lr={grid: [0.1, 1.0e30]}",
-    ]
-    for assignment in TINY:
-        args += ["--set", assignment]
+    )
     result = CliRunner().invoke(app, args)
     client = MlflowClient(tracking_uri=local_tracking_uri(data_dir))
     return result, client, args
@@ -188,32 +186,21 @@ def test_killed_sweep_resumes_without_duplicates(data_dir: Path, ray_session, cl
     """Kill the driver while the second trial runs, resume, and find every epoch once."""
     import ray
 
-    args = [
-        "--data-dir",
-        str(data_dir),
-        "--set",
+    args = _sweep_args(
+        data_dir,
         "name=e2e_resume",
-        "--set",
         "fixed.optim.epochs=3",
-        "--set",
         "fixed.run.checkpoint_every=1",
-        "--set",
         "seeds=[0]",
-        "--set",
         "space.rm.alpha={grid: [0.0, 1.0]}",
-        "--set",
         "max_concurrent=1",
-    ]
-    for assignment in TINY:
-        args += ["--set", assignment]
+    )
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "resmom.cli",
-            "sweep",
-            str(DIGITS_SWEEP),
             *args,
             "--address",
             address,
@@ -279,24 +266,14 @@ def test_killed_sweep_resumes_without_duplicates(data_dir: Path, ray_session, cl
 def test_soak_twenty_trials_with_two_failures(data_dir: Path, ray_session, clean_env):
     """Run 20 one-epoch trials, 2 diverging: 18 finish, 2 fail, and a resume changes nothing."""
     learning_rates = [0.1] * 9 + [1.0e30] + [0.1] * 9 + [1.0e30]
-    args = [
-        "sweep",
-        str(DIGITS_SWEEP),
-        "--data-dir",
-        str(data_dir),
-        "--set",
+    args = _sweep_args(
+        data_dir,
         "name=e2e_soak",
-        "--set",
         "fixed.optim.epochs=1",
-        "--set",
         "seeds=[0]",
-        "--set",
         "space.rm.alpha={grid: [1.0]}",
-        "--set",
         f"space.optim.lr={{grid: {learning_rates}}}",
-    ]
-    for assignment in TINY:
-        args += ["--set", assignment]
+    )
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.output
 

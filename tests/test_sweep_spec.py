@@ -65,7 +65,7 @@ def test_random_draws_are_reproducible_and_in_bounds(tmp_path):
     assert [t.overrides for t in expand(other)] != first
 
 
-def test_num_samples_without_random_fields_does_not_repeat_the_grid(tmp_path):
+def test_grid_only_ignores_num_samples(tmp_path):
     path = _write(tmp_path, _sweep(space={"rm.alpha": {"grid": [0.0, 1.0]}}, num_samples=3))
     assert len(expand(load_sweep(path))) == 2
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 DATA_DIR_ENV = "RESMOM_DATA_DIR"
 
@@ -25,3 +27,10 @@ def local_tracking_uri(data_dir: Path) -> str:
 
 def local_artifact_root(data_dir: Path) -> Path:
     return data_dir / "mlflow" / "artifacts"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` as JSON through a temporary file and a rename, so readers never see half."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(temporary, path)

@@ -24,6 +24,7 @@ import numpy as np
 from resmom.data import sources
 from resmom.data.registry import IMAGEFOLDER_PREFIX, dataset_folder, dataset_info
 from resmom.data.sources import DataError, Source
+from resmom.paths import write_json_atomic
 
 if TYPE_CHECKING:
     from resmom.specs import DataSpec
@@ -207,7 +208,7 @@ def write_beton(
         raise
     finally:
         error_log.unlink(missing_ok=True)
-    _write_json_atomic(manifest_path(path), manifest)
+    write_json_atomic(manifest_path(path), manifest)
     return manifest
 
 
@@ -216,12 +217,6 @@ def source_labels(source: Source) -> np.ndarray:
     if isinstance(source, sources.ConcatSource):
         return np.concatenate([part.labels for part in source.parts])
     return source.labels
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(temporary, path)
 
 
 def _check_options(path: Path, manifest: dict[str, Any], expected: ConversionOptions) -> None:

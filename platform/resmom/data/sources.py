@@ -9,7 +9,7 @@ writer requests it, so ImageNet is never loaded whole.
 
 The layouts are the ones torchvision's downloaders leave on disk. Every
 reader checks structure (files present, sizes, label ranges) and raises
-`DataError` naming the file; `check_source` then decodes every image of a
+`DataError` naming the file. `check_source` then decodes every image of a
 folder source once, because FFCV's writer processes hang on a bad sample.
 """
 
@@ -259,7 +259,7 @@ def read_stl10(root: Path) -> dict[str, Source]:
     """Read `stl10_binary/` under `root`.
 
     The `train` split contains the 5,000 labeled training images followed by the
-    100,000 unlabeled ones (label -1); its `segments` name the two ranges, so
+    100,000 unlabeled ones (label -1). Its `segments` name the two ranges, so
     training can read either or both from one `.beton`.
     """
     directory = _find_folder(root, "stl10_binary")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 from resmom import tracking
 from resmom.data.beton import prepare, spec_options
 from resmom.orchestrate import failure_tags, fit_job, has_checkpoint, init_ray
+from resmom.paths import write_json_atomic
 from resmom.plan import Trial, expand, fingerprint
 from resmom.specs import JobSpec, SweepSpec
 
@@ -50,10 +50,7 @@ class SweepRecord:
     created: float
 
     def save(self) -> None:
-        path = Path(self.folder) / RECORD_NAME
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(temporary, path)
+        write_json_atomic(Path(self.folder) / RECORD_NAME, asdict(self))
 
     @property
     def sweep(self) -> SweepSpec:
