@@ -29,8 +29,16 @@ def local_artifact_root(data_dir: Path) -> Path:
     return data_dir / "mlflow" / "artifacts"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` through a temporary file and a rename, so readers never see half of it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write `payload` as JSON through a temporary file and a rename, so readers never see half."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))

@@ -295,6 +295,12 @@ class RunSpec(_Strict):
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the local store"
     )
+    tracking_flush_timeout: float = Field(
+        900.0,
+        gt=0,
+        description="seconds a run waits at its end for an unreachable MLflow server to take "
+        "the queued metrics, before it saves them to a file beside the checkpoint",
+    )
 
 
 class JobSpec(_Strict):

@@ -6,6 +6,7 @@ means an upgrade touches one file. Written against Ray 2.60 (Train V2).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 # A metric that the worker loop logs every epoch.
 _EPOCH_KEY = "loss/total"
+# Metrics that rank 0 could not send before its flush timeout, kept beside the checkpoint.
+UNSENT_METRICS_NAME = "unsent_metrics.jsonl"
+# Seconds one MLflow request of a worker may take before the logger retries it.
+_REQUEST_TIMEOUT_S = 30
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -43,7 +48,15 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get(RAY_ADDRESS_ENV)
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as exc:
+            raise ConnectionError(
+                f"cannot join the Ray cluster at {address} ({exc}). Check the address "
+                "(`ray status` on the head prints it); if the cluster uses token "
+                "authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                "RAY_AUTH_TOKEN_PATH) to the cluster's token"
+            ) from None
         return
     # Workers import `resmom` from the installed package; the driver's working
     # directory is not shipped. The dashboard listens on 127.0.0.1 only.
@@ -94,9 +107,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     logger = None
     logged_epochs = 0
     if context.get_world_rank() == 0:
-        logger = tracking.MetricsLogger(config["tracking_uri"], config["run_id"])
+        spool = folder / UNSENT_METRICS_NAME
+        logger = tracking.MetricsLogger(config["tracking_uri"], config["run_id"], spool)
         if resume:
             logged_epochs = logger.last_step(_EPOCH_KEY)
+        # From here on, only the logger's thread calls MLflow, and it retries
+        # by itself without holding up training, so each request tries once.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(_REQUEST_TIMEOUT_S)
 
     def on_epoch(epoch: int, metrics: dict[str, float], written: Path | None) -> None:
         # Epochs after the last checkpoint are trained again after a restart
@@ -107,15 +125,25 @@ def _train_worker(config: dict[str, Any]) -> None:
             logger.log_checkpoint(written)
         ray.train.report({"epoch": epoch, **metrics})
 
-    fit(
-        spec,
-        Path(config["train_path"]),
-        Path(config["test_path"]),
-        ray.train.torch.get_device(),
-        on_epoch=on_epoch,
-        checkpoint_dir=folder,
-        resume=resume,
-    )
+    try:
+        fit(
+            spec,
+            Path(config["train_path"]),
+            Path(config["test_path"]),
+            ray.train.torch.get_device(),
+            on_epoch=on_epoch,
+            checkpoint_dir=folder,
+            resume=resume,
+        )
+    except BaseException:
+        # The epochs before the failure still belong in the run; the training
+        # error, not a tracking one, is what the caller must see.
+        if logger is not None:
+            with contextlib.suppress(tracking.TrackingError):
+                logger.close(spec.run.tracking_flush_timeout)
+        raise
+    if logger is not None:
+        logger.close(spec.run.tracking_flush_timeout)
 
 
 def checkpoint_dir(data_dir: Path, run_id: str) -> Path:
@@ -222,8 +250,11 @@ def run_job(
         FileNotFoundError: `resume_run_id` has no checkpoint.
     """
     started = time.perf_counter()
-    paths = prepare(spec.data.dataset, data_dir, options=spec_options(spec.data))
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
+    # Both checks fail within seconds, before any data is converted or a run is opened.
+    tracking.check_server(tracking_uri)
+    init_ray(address)
+    paths = prepare(spec.data.dataset, data_dir, options=spec_options(spec.data))
     if resume_run_id is not None:
         if not has_checkpoint(data_dir, resume_run_id):
             folder = checkpoint_dir(data_dir, resume_run_id)
@@ -234,7 +265,6 @@ def run_job(
     log.info("MLflow run %s in %s", run_id, tracking_uri)
 
     try:
-        init_ray(address)
         fit_job(spec, paths, tracking_uri, run_id, data_dir, resume=resume_run_id is not None)
     except BaseException as exc:
         tracking.end_run(tracking_uri, run_id, "FAILED", failure_tags(exc))

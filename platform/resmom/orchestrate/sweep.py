@@ -324,6 +324,7 @@ def run_sweep(record: SweepRecord, data_dir: Path, address: str | None = None) -
     started = time.perf_counter()
     sweep = record.sweep
     trials = expand(sweep)
+    tracking.check_server(record.tracking_uri)
     # Every dataset is converted once, here; trials only read. Two trials that
     # ask for one dataset with different conversion options make `prepare` raise.
     paths: dict[str, dict[str, str]] = {}

@@ -66,5 +66,7 @@ def run_linear_probe(run_id: str, data_dir: Path, checkpoint_path: Path) -> dict
 
     # The run's own spec names its tracking server, so the metrics land in the same run.
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
-    tracking.MetricsLogger(tracking_uri, run_id).log(metrics, step=int(payload["epoch"]))
+    logger = tracking.MetricsLogger(tracking_uri, run_id)
+    logger.log(metrics, step=int(payload["epoch"]))
+    logger.close(spec.run.tracking_flush_timeout)
     return metrics

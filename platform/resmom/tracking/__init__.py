@@ -1,20 +1,25 @@
-"""MLflow adapter: the only module that talks to MLflow.
+"""MLflow adapter: the only package that talks to MLflow.
 
 The driver opens the run (params, tags) and closes it; rank 0 of the workers
-logs metrics into it by run id. Everything goes through `MlflowClient` with an
-explicit tracking URI, so no process-global MLflow state leaks between runs.
+logs metrics into it by run id through `sender.MetricsLogger`. Everything goes
+through `MlflowClient` with an explicit tracking URI, so no active-run state
+leaks between runs. Retry settings are process-wide environment variables
+(see `_single_attempt` and the worker entry point).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from resmom.paths import local_artifact_root, local_tracking_uri
 from resmom.specs import JobSpec
+from resmom.tracking.sender import MetricsLogger as MetricsLogger
+from resmom.tracking.sender import TrackingError as TrackingError
+from resmom.tracking.sender import failure_reason
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow's UI nests a run under the run whose id this tag holds.
@@ -28,6 +33,51 @@ def resolve_tracking_uri(spec_uri: str | None, data_dir: Path) -> str:
         return uri
     (data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
     return local_tracking_uri(data_dir)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server named by the URI did not respond."""
+
+
+# Seconds that the reachability check at start waits for the server.
+CHECK_TIMEOUT_S = 5
+
+
+@contextlib.contextmanager
+def _single_attempt(timeout_s: int):
+    """Make MLflow's HTTP calls in this process try once with a short timeout.
+
+    MLflow reads these variables at each request; by default it retries 7
+    times with exponential backoff, which turns a wrong URI into minutes of waiting.
+    """
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def check_server(tracking_uri: str, timeout_s: int = CHECK_TIMEOUT_S) -> None:
+    """Raise `TrackingUnavailable` within about `timeout_s` if an HTTP tracking server is down.
+
+    Local stores (SQLite, files) need no server and pass.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    with _single_attempt(timeout_s):
+        try:
+            _client(tracking_uri).search_experiments(max_results=1)
+        except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types here
+            raise TrackingUnavailable(
+                f"MLflow tracking server {tracking_uri} is not reachable ({failure_reason(exc)}); "
+                "start it, or point run.tracking_uri or MLFLOW_TRACKING_URI at a running server"
+            ) from None
 
 
 def _client(tracking_uri: str):
@@ -168,27 +218,3 @@ def log_artifact_files(tracking_uri: str, run_id: str, files: list[Path], folder
 
 def latest_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
     return dict(_client(tracking_uri).get_run(run_id).data.metrics)
-
-
-class MetricsLogger:
-    """Log metric dictionaries into one existing run; used by rank 0 only."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client = _client(tracking_uri)
-        self.run_id = run_id
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        timestamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def last_step(self, key: str) -> int:
-        """Return the highest step logged for `key` in this run, 0 if none."""
-        history = self.client.get_metric_history(self.run_id, key)
-        return max((metric.step for metric in history), default=0)
-
-    def log_checkpoint(self, path: Path) -> None:
-        """Copy a checkpoint file into the run's artifacts under `checkpoints/`."""
-        self.client.log_artifact(self.run_id, str(path), artifact_path="checkpoints")
