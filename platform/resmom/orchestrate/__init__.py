@@ -267,7 +267,7 @@ def run_job(
     try:
         fit_job(spec, paths, tracking_uri, run_id, data_dir, resume=resume_run_id is not None)
     except BaseException as exc:
-        tracking.end_run(tracking_uri, run_id, "FAILED", failure_tags(exc))
+        tracking.mark_failed(tracking_uri, run_id, failure_tags(exc))
         raise
     tracking.end_run(tracking_uri, run_id, "FINISHED")
 

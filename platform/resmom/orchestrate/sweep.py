@@ -143,7 +143,7 @@ def _run_trial(config: dict[str, Any]) -> None:
             spec, paths, tracking_uri, run_id, data_dir, resume, callbacks=[TuneReportCallback()]
         )
     except BaseException as exc:
-        tracking.end_run(tracking_uri, run_id, "FAILED", failure_tags(exc))
+        tracking.mark_failed(tracking_uri, run_id, failure_tags(exc))
         raise
     tracking.end_run(tracking_uri, run_id, "FINISHED")
 

@@ -10,6 +10,7 @@ leaks between runs. Retry settings are process-wide environment variables
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -20,6 +21,8 @@ from resmom.specs import JobSpec
 from resmom.tracking.sender import MetricsLogger as MetricsLogger
 from resmom.tracking.sender import TrackingError as TrackingError
 from resmom.tracking.sender import failure_reason
+
+log = logging.getLogger(__name__)
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 # MLflow's UI nests a run under the run whose id this tag holds.
@@ -170,6 +173,21 @@ def end_run(
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status=status)
+
+
+def mark_failed(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Close a run as FAILED, logging a tracking error instead of raising it.
+
+    Callers do this while another error propagates (a failed or diverged
+    training), and that error, not an unreachable server, is the one to report.
+    """
+    try:
+        end_run(tracking_uri, run_id, "FAILED", tags)
+    except Exception as exc:  # noqa: BLE001 - requests and MLflow raise many types here
+        log.warning(
+            "could not mark MLflow run %s as FAILED in %s: %s",
+            run_id, tracking_uri, failure_reason(exc),
+        )  # fmt: skip
 
 
 def delete_run(tracking_uri: str, run_id: str) -> None:
