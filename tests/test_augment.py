@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from resmom.data import augment
 from resmom.data.augment import (
     TwoViewAugment,
     color_jitter,
@@ -270,6 +271,23 @@ def test_steps_leave_input_unchanged(step):
     out = step(images, torch.Generator().manual_seed(15))
     assert torch.equal(images, before)
     assert not torch.equal(out, before)
+
+
+def test_mask_path_matches_index_path(monkeypatch: pytest.MonkeyPatch):
+    # Off the CPU the steps transform every sample and keep the selected
+    # results with a mask. Forcing that path on the CPU must change nothing.
+    images = _images(24, 16, seed=16)
+
+    def run_all_steps() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(17)
+        out = color_jitter(images, BYOL, generator)
+        out = random_grayscale(out, 0.5, generator)
+        out = random_gaussian_blur(out, 0.5, BYOL.blur_sigma, 5, generator)
+        return random_solarize(out, 0.5, 0.5, generator)
+
+    indexed = run_all_steps()
+    monkeypatch.setattr(augment, "_INDEXED_DEVICE_TYPES", ())
+    torch.testing.assert_close(run_all_steps(), indexed, atol=1e-6, rtol=0)
 
 
 def _changed_samples(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,9 @@ cost at zero and runs on the GPU when training does.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,41 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W)."""
     weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
+
+
+# Device types on which `_transform_selected` transforms only the selected samples.
+_INDEXED_DEVICE_TYPES = ("cpu",)
+
+
+def _transform_selected(
+    images: torch.Tensor,
+    apply: torch.Tensor,
+    transform: Callable[..., torch.Tensor],
+    *params: torch.Tensor,
+    index_on_any_device: bool = False,
+) -> torch.Tensor:
+    """Return `images` with each sample where `apply` (B,) is True replaced by its transform.
+
+    `transform(batch, *params)` receives the selected samples and the matching
+    entries of each (B,) parameter, and may overwrite `batch`. This function
+    may overwrite `images`, so callers pass a tensor they own.
+
+    On the CPU only the selected samples are transformed. On other devices
+    every sample is transformed and a mask keeps the selected results,
+    because finding the selected indices would make the host wait for the
+    device. `index_on_any_device` makes every device index the samples.
+    """
+    if images.device.type not in _INDEXED_DEVICE_TYPES and not index_on_any_device:
+        transformed = transform(images.clone(), *params)
+        return torch.where(apply.view(-1, 1, 1, 1), transformed, images)
+    selected = apply.nonzero().squeeze(1)
+    if len(selected) == 0:
+        return images
+    if len(selected) == len(images):
+        return transform(images, *params)
+    subset = images.index_select(0, selected)
+    subset = transform(subset, *(param.index_select(0, selected) for param in params))
+    return images.index_copy_(0, selected, subset)
 
 
 def crop_sides(
@@ -120,33 +157,65 @@ def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,bjhw->bihw", transform, images)
 
 
+def _jitter(
+    images: torch.Tensor,
+    brightness: torch.Tensor,
+    contrast: torch.Tensor,
+    saturation: torch.Tensor,
+    angle: torch.Tensor,
+) -> torch.Tensor:
+    """Scale brightness, contrast and saturation by (B,) factors, then rotate the hue.
+
+    Each step clamps to [0, 1].
+    """
+    B = images.shape[0]
+    out = (images * brightness.view(B, 1, 1, 1)).clamp(0, 1)
+    mean = _luma(out).mean(dim=(2, 3), keepdim=True)
+    out = ((out - mean) * contrast.view(B, 1, 1, 1) + mean).clamp(0, 1)
+    gray = _luma(out)
+    out = ((out - gray) * saturation.view(B, 1, 1, 1) + gray).clamp(0, 1)
+    return _rotate_hue(out, angle).clamp(0, 1)
+
+
 def color_jitter(
-    images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
+    images: torch.Tensor, spec: AugmentSpec, generator: torch.Generator, inplace: bool = False
 ) -> torch.Tensor:
     """Jitter brightness, contrast, saturation and hue, each sample with probability `jitter_p`.
+
+    Every sample draws its factors, selected or not. `inplace` lets the
+    function overwrite `images`.
 
     NOTE: the four steps run in a fixed order; torchvision draws a random order.
     """
     B, device = images.shape[0], images.device
-    apply = (torch.rand(B, generator=generator, device=device) < spec.jitter_p).view(B, 1, 1, 1)
+    apply = torch.rand(B, generator=generator, device=device) < spec.jitter_p
 
     def factor(strength: float) -> torch.Tensor:
-        return _uniform(max(0.0, 1 - strength), 1 + strength, B, generator, device).view(B, 1, 1, 1)
+        return _uniform(max(0.0, 1 - strength), 1 + strength, B, generator, device)
 
-    out = (images * factor(spec.brightness)).clamp(0, 1)
-    mean = _luma(out).mean(dim=(2, 3), keepdim=True)
-    out = ((out - mean) * factor(spec.contrast) + mean).clamp(0, 1)
-    gray = _luma(out)
-    out = ((out - gray) * factor(spec.saturation) + gray).clamp(0, 1)
+    brightness = factor(spec.brightness)
+    contrast = factor(spec.contrast)
+    saturation = factor(spec.saturation)
     angle = _uniform(-spec.hue, spec.hue, B, generator, device) * 2 * math.pi
-    out = _rotate_hue(out, angle).clamp(0, 1)
-    return torch.where(apply, out, images)
+    out = images if inplace else images.clone()
+    return _transform_selected(out, apply, _jitter, brightness, contrast, saturation, angle)
 
 
-def random_grayscale(images: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+def _to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    return images.copy_(_luma(images).expand_as(images))
+
+
+def random_grayscale(
+    images: torch.Tensor, p: float, generator: torch.Generator, inplace: bool = False
+) -> torch.Tensor:
+    """Replace every channel of a sample by its luma, with probability `p`.
+
+    `inplace` lets the function overwrite `images`.
+    """
     B = images.shape[0]
-    apply = (torch.rand(B, generator=generator, device=images.device) < p).view(B, 1, 1, 1)
-    return torch.where(apply, _luma(images).expand_as(images), images)
+    apply = torch.rand(B, generator=generator, device=images.device) < p
+    out = images if inplace else images.clone()
+    return _transform_selected(out, apply, _to_grayscale)
 
 
 def blur_kernel_size(size: int, fraction: float) -> int:
@@ -187,28 +256,46 @@ def random_gaussian_blur(
     sigma_range: tuple[float, float],
     kernel_size: int,
     generator: torch.Generator,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Blur each sample with probability `p` and a standard deviation drawn from `sigma_range`."""
+    """Blur each sample with probability `p` and a standard deviation drawn from `sigma_range`.
+
+    `inplace` lets the function overwrite `images`.
+    """
     B, device = images.shape[0], images.device
     apply = torch.rand(B, generator=generator, device=device) < p
     sigma = _uniform(sigma_range[0], sigma_range[1], B, generator, device)
-    if not apply.any():
-        return images
-    # Only the selected samples are convolved; BYOL's second view blurs 10% of them.
-    selected = apply.nonzero().squeeze(1)
-    out = images.clone()
-    out[selected] = gaussian_blur(images[selected], sigma[selected], kernel_size)
-    return out
+    out = images if inplace else images.clone()
+    # Only the selected samples are convolved, on every device, because
+    # BYOL's second view blurs 10% of them.
+    return _transform_selected(
+        out,
+        apply,
+        functools.partial(gaussian_blur, kernel_size=kernel_size),
+        sigma,
+        index_on_any_device=True,
+    )
+
+
+def _solarize(images: torch.Tensor, threshold: float) -> torch.Tensor:
+    return torch.where(images >= threshold, 1 - images, images)
 
 
 def random_solarize(
-    images: torch.Tensor, p: float, threshold: float, generator: torch.Generator
+    images: torch.Tensor,
+    p: float,
+    threshold: float,
+    generator: torch.Generator,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Invert pixels at or above `threshold` (images in [0, 1]) of a sample with probability `p`."""
+    """Invert pixels at or above `threshold` (images in [0, 1]) of a sample with probability `p`.
+
+    `inplace` lets the function overwrite `images`.
+    """
     B = images.shape[0]
-    apply = (torch.rand(B, generator=generator, device=images.device) < p).view(B, 1, 1, 1)
-    solarized = torch.where(images >= threshold, 1 - images, images)
-    return torch.where(apply, solarized, images)
+    apply = torch.rand(B, generator=generator, device=images.device) < p
+    out = images if inplace else images.clone()
+    return _transform_selected(out, apply, functools.partial(_solarize, threshold=threshold))
 
 
 class TwoViewAugment:
@@ -240,13 +327,17 @@ class TwoViewAugment:
             images, self.size, spec.crop_scale, spec.flip_p, self.generator,
             source_aspect=source_aspect,
         )  # fmt: skip
-        out = color_jitter(out, spec, self.generator)
-        out = random_grayscale(out, spec.grayscale_p, self.generator)
+        # The crop returns a new tensor, so the steps after it may overwrite `out`.
+        out = color_jitter(out, spec, self.generator, inplace=True)
+        out = random_grayscale(out, spec.grayscale_p, self.generator, inplace=True)
         out = random_gaussian_blur(
-            out, spec.blur_p[index], spec.blur_sigma, self.kernel_size, self.generator
+            out, spec.blur_p[index], spec.blur_sigma, self.kernel_size, self.generator,
+            inplace=True,
+        )  # fmt: skip
+        out = random_solarize(
+            out, spec.solarize_p[index], spec.solarize_threshold, self.generator, inplace=True
         )
-        out = random_solarize(out, spec.solarize_p[index], spec.solarize_threshold, self.generator)
-        return (out - self.mean) / self.std
+        return out.sub_(self.mean).div_(self.std)
 
     def __call__(
         self, images: torch.Tensor, source_aspect: torch.Tensor | None = None
