@@ -19,6 +19,8 @@ from resmom.specs import AugmentSpec
 
 # ITU-R BT.601 luma weights, as torchvision's rgb_to_grayscale uses.
 _LUMA = (0.299, 0.587, 0.114)
+# RGB to YIQ (NTSC) matrix, with rows for Y, I and Q.
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 def _uniform(
@@ -27,10 +29,15 @@ def _uniform(
     return low + (high - low) * torch.rand(size, generator=generator, device=device)
 
 
+def _luma_weights(images: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(_LUMA, device=images.device, dtype=images.dtype)
+
+
 def _luma(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W)."""
-    weights = torch.tensor(_LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images * weights).sum(dim=1, keepdim=True)
+    B, _, H, W = images.shape
+    weights = _luma_weights(images).view(1, 3)
+    return torch.matmul(weights, images.reshape(B, 3, H * W)).view(B, 1, H, W)
 
 
 # Device types on which `_transform_selected` transforms only the selected samples.
@@ -136,25 +143,33 @@ def random_resized_crop_flip(
     )
 
 
+@functools.cache
+def _hue_rotation_parts(
+    device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return 3x3 matrices A, C, S with from_yiq @ rotation(angle) @ to_yiq = A + cos C + sin S.
+
+    rotation(angle) turns the (I, Q) plane and keeps Y.
+    """
+    to_yiq = torch.tensor(_TO_YIQ, dtype=torch.float64)
+    from_yiq = torch.linalg.inv(to_yiq)
+    fixed = torch.outer(from_yiq[:, 0], to_yiq[0])
+    cos_part = torch.outer(from_yiq[:, 1], to_yiq[1]) + torch.outer(from_yiq[:, 2], to_yiq[2])
+    sin_part = torch.outer(from_yiq[:, 2], to_yiq[1]) - torch.outer(from_yiq[:, 1], to_yiq[2])
+    return tuple(part.to(device=device, dtype=dtype) for part in (fixed, cos_part, sin_part))
+
+
 def _rotate_hue(images: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate the chroma of (B, 3, H, W) RGB images by `angle` radians (B,) in YIQ space.
 
     NOTE: torchvision shifts hue in HSV; a YIQ rotation is the usual batched
     approximation and differs slightly on saturated colours.
     """
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        device=images.device,
-        dtype=images.dtype,
-    )
-    from_yiq = torch.linalg.inv(to_yiq)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rotation = torch.zeros(images.shape[0], 3, 3, device=images.device, dtype=images.dtype)
-    rotation[:, 0, 0] = 1
-    rotation[:, 1, 1], rotation[:, 1, 2] = cos, -sin
-    rotation[:, 2, 1], rotation[:, 2, 2] = sin, cos
-    transform = from_yiq @ rotation @ to_yiq  # (B, 3, 3)
-    return torch.einsum("bij,bjhw->bihw", transform, images)
+    B, _, H, W = images.shape
+    fixed, cos_part, sin_part = _hue_rotation_parts(images.device, images.dtype)
+    cos, sin = torch.cos(angle).view(B, 1, 1), torch.sin(angle).view(B, 1, 1)
+    transform = fixed + cos * cos_part + sin * sin_part  # (B, 3, 3)
+    return torch.bmm(transform, images.reshape(B, 3, H * W)).view(B, 3, H, W)
 
 
 def _jitter(
@@ -166,15 +181,18 @@ def _jitter(
 ) -> torch.Tensor:
     """Scale brightness, contrast and saturation by (B,) factors, then rotate the hue.
 
-    Each step clamps to [0, 1].
+    Overwrites `images`. Each step clamps to [0, 1].
     """
     B = images.shape[0]
-    out = (images * brightness.view(B, 1, 1, 1)).clamp(0, 1)
-    mean = _luma(out).mean(dim=(2, 3), keepdim=True)
-    out = ((out - mean) * contrast.view(B, 1, 1, 1) + mean).clamp(0, 1)
-    gray = _luma(out)
-    out = ((out - gray) * saturation.view(B, 1, 1, 1) + gray).clamp(0, 1)
-    return _rotate_hue(out, angle).clamp(0, 1)
+    images.mul_(brightness.view(B, 1, 1, 1)).clamp_(0, 1)
+    # The mean luma is the luma of the channel means, because luma is linear.
+    mean = (images.mean(dim=(2, 3)) @ _luma_weights(images)).view(B, 1, 1, 1)
+    contrast = contrast.view(B, 1, 1, 1)
+    images.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0, 1)
+    saturation = saturation.view(B, 1, 1, 1)
+    gray = _luma(images).mul_(1 - saturation)
+    images.mul_(saturation).add_(gray).clamp_(0, 1)
+    return _rotate_hue(images, angle).clamp_(0, 1)
 
 
 def color_jitter(
