@@ -18,6 +18,7 @@ Usage: python bench/augment_ops.py --baseline REV [--repeats 200] [--threads 2]
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import inspect
 import json
@@ -168,19 +169,19 @@ def main() -> None:
         current_call = current_calls[name]
         source = scaled if name == "crop+flip" else crops
 
-        def run_baseline(index, call=baseline_call, source=source):
-            started = time.perf_counter()
-            call(source, torch.Generator().manual_seed(index))
-            return time.perf_counter() - started
-
-        def run_current(index, call=current_call, source=source):
-            # The copy that an in-place step may overwrite is made before the clock starts.
+        def run(index, call, source=source):
+            # Both sides get a copy, made before the clock starts, which an
+            # in-place step may overwrite.
             images = source.clone()
             started = time.perf_counter()
             call(images, torch.Generator().manual_seed(index))
             return time.perf_counter() - started
 
-        results[name] = time_pairs(run_baseline, run_current, args.repeats)
+        results[name] = time_pairs(
+            functools.partial(run, call=baseline_call),
+            functools.partial(run, call=current_call),
+            args.repeats,
+        )
 
     mean, std = (0.5,) * 3, (0.25,) * 3
     aspects = torch.rand(args.batch, generator=torch.Generator().manual_seed(1)) + 0.5
