@@ -211,22 +211,24 @@ def test_sweep_on_ray_cluster_and_mlflow_server(
             *trial_sets,
         ),
     ]  # fmt: skip
-    # Without the cluster's token, the driver is turned away with a hint, and nothing starts.
+    # Without the cluster's token, the driver is turned away with a hint, and no trial starts.
     rejected = _rmctl(*args, without=("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"))
     output, _ = rejected.communicate(timeout=300)
     assert rejected.returncode == 1, output[-4000:]
     assert f"cannot join the Ray cluster at {ray_head}" in output
     assert "RAY_AUTH_MODE=token" in output
     client = MlflowClient(tracking_uri=mlflow_server.uri)
-    assert client.get_experiment_by_name("resmom-sweeps") is None
+    experiment = client.get_experiment_by_name("resmom-sweeps")
+    (failed_parent,) = client.search_runs([experiment.experiment_id])
+    assert failed_parent.info.status == "FAILED"
 
+    # With the token, the same sweep continues in the same parent run.
     driver = _rmctl(*args)
     output, _ = driver.communicate(timeout=900)
     assert driver.returncode == 0, output[-4000:]
 
-    experiment = client.get_experiment_by_name("resmom-sweeps")
-    assert experiment is not None
     (parent,) = client.search_runs([experiment.experiment_id], "tags.role = 'sweep'")
+    assert parent.info.run_id == failed_parent.info.run_id
     assert parent.info.status == "FINISHED"
     children = client.search_runs(
         [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"

@@ -319,7 +319,6 @@ def sweep(
     Exits with 1 when any trial failed, after the report.
     """
     from resmom import tracking
-    from resmom.orchestrate import init_ray
     from resmom.orchestrate.sweep import SweepError, load_record, open_sweep, run_sweep
     from resmom.plan import expand
 
@@ -343,17 +342,15 @@ def sweep(
         return
     _setup_logging()
     try:
-        # Both checks come first, so that a wrong URI or address opens no MLflow run.
+        # Before anything is written, so that a wrong URI opens no MLflow run.
         if resume is None:
             tracking.check_server(tracking.resolve_tracking_uri(spec.tracking_uri, directory))
+            record = open_sweep(spec, directory)
         else:
             tracking.check_server(record.tracking_uri)
-        init_ray(address)
-        if resume is None:
-            record = open_sweep(spec, directory)
     except SweepError as exc:
         raise _fail(str(exc), EXIT_INVALID) from None
-    except (tracking.TrackingUnavailable, ConnectionError) as exc:
+    except tracking.TrackingUnavailable as exc:
         raise _fail(str(exc)) from None
     try:
         outcome = run_sweep(record, directory, address)

@@ -251,10 +251,11 @@ def run_job(
     """
     started = time.perf_counter()
     tracking_uri = tracking.resolve_tracking_uri(spec.run.tracking_uri, data_dir)
-    # Both checks fail within seconds, before any data is converted or a run is opened.
     tracking.check_server(tracking_uri)
-    init_ray(address)
+    # Conversion forks FFCV's writer processes, so it runs before Ray starts
+    # its threads in this process.
     paths = prepare(spec.data.dataset, data_dir, options=spec_options(spec.data))
+    init_ray(address)
     if resume_run_id is not None:
         if not has_checkpoint(data_dir, resume_run_id):
             folder = checkpoint_dir(data_dir, resume_run_id)

@@ -332,8 +332,13 @@ def run_sweep(record: SweepRecord, data_dir: Path, address: str | None = None) -
     for name, options in sorted(requests, key=str):
         prepared = prepare(name, data_dir, options=options)
         paths[name] = {split: str(path) for split, path in prepared.items()}
+    try:
+        init_ray(address)
+    except ConnectionError as exc:
+        # A rerun with the right address continues this parent run.
+        tracking.mark_failed(record.tracking_uri, record.parent_run_id, {"error": str(exc)})
+        raise
     tracking.reopen_run(record.tracking_uri, record.parent_run_id)
-    init_ray(address)
 
     context = {
         "name": sweep.name,
