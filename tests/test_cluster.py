@@ -17,11 +17,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from polling import wait_for
 
 from resmom import tracking
 
@@ -43,15 +44,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def _stop_group(process: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -87,7 +79,7 @@ class MlflowServer:
         self.process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
         )
-        _wait_for(self.is_up, 120, f"mlflow server on {self.uri}")
+        wait_for(self.is_up, 120, f"mlflow server on {self.uri}")
 
     def is_up(self) -> bool:
         try:
@@ -146,7 +138,7 @@ def ray_head(tmp_path: Path, ray_auth) -> Iterator[str]:
         with socket.socket() as probe:
             return probe.connect_ex(("127.0.0.1", port)) == 0
 
-    _wait_for(accepts_connections, 120, f"ray head on {address}")
+    wait_for(accepts_connections, 120, f"ray head on {address}")
     yield address
     _stop_group(head)
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -13,11 +13,11 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from polling import wait_for
 from typer.testing import CliRunner
 
 from resmom.cli import app
@@ -173,15 +173,6 @@ def test_rerun_with_the_same_spec_adds_no_runs(finished_sweep):
     assert "--resume e2e_alpha" in changed.output
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_killed_sweep_resumes_without_duplicates(data_dir: Path, ray_session, clean_env):
     """Kill the driver while the second trial runs, resume, and find every epoch once."""
     import ray
@@ -226,7 +217,7 @@ def test_killed_sweep_resumes_without_duplicates(data_dir: Path, ray_session, cl
         )
 
     try:
-        _wait_for(second_trial_checkpointed, 300, "the second trial's first checkpoint")
+        wait_for(second_trial_checkpointed, 300, "the second trial's first checkpoint")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
