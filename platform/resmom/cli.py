@@ -150,7 +150,7 @@ def probe(
     saved = checkpoint_dir(directory, run_id) / "last.pt"
     try:
         metrics = run_linear_probe(run_id, directory, saved)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"linear probe of run {run_id}")
     table.add_column("encoder")
