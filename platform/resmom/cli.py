@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -55,6 +58,26 @@ AddressOption = Annotated[
 ]
 
 EXIT_INVALID = 2
+# The shell's codes for a process ended by SIGINT and SIGTERM: 128 + signal number.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as it does for Ctrl+C."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -236,18 +259,30 @@ def data_prepare(
             max_resolution if max_resolution is not None else defaults.max_resolution,
             jpeg_quality,
         )
-        paths = prepare(
-            name,
-            resolve_data_dir(data_dir),
-            force=force,
-            source=source,
-            options=options,
-            workers=workers,
-            download=download,
-            classes_file=classes,
-        )
+        with _sigterm_raises():
+            paths = prepare(
+                name,
+                resolve_data_dir(data_dir),
+                force=force,
+                source=source,
+                options=options,
+                workers=workers,
+                download=download,
+                classes_file=classes,
+                verify_checksum=True,
+            )
     except DataError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            f"conversion of {name} interrupted (SIGINT); the files it had written were removed",
+            EXIT_INTERRUPTED,
+        ) from None
+    except Terminated:
+        raise _fail(
+            f"conversion of {name} stopped by SIGTERM; the files it had written were removed",
+            EXIT_TERMINATED,
+        ) from None
     for split, path in paths.items():
         manifest = check_beton(path)
         sizes = manifest["resolution"]
