@@ -6,11 +6,13 @@ an invalid spec or argument, before anything starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -500,6 +502,8 @@ def ui(
     if not store.is_file():
         raise _fail(f"no local MLflow store at {store}; run a job first (`make demo`)")
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C stops it)")
+    # Loopback only: the UI has no authentication, and anyone who reaches it
+    # can read and delete every run of the store.
     command = [
         sys.executable,
         "-m",
@@ -514,7 +518,40 @@ def ui(
         "--port",
         str(port),
     ]
-    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
+    # The server starts uvicorn workers and job consumers of its own. In a
+    # session of its own, all of them can be stopped as one group, which a
+    # SIGTERM to this process alone would otherwise leave running.
+    server = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+    try:
+        with _sigterm_raises():
+            code = server.wait()
+    except KeyboardInterrupt:
+        _stop_process_group(server)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        _stop_process_group(server)
+        raise typer.Exit(EXIT_TERMINATED) from None
+    raise typer.Exit(code)
+
+
+def _stop_process_group(leader: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop the process group that `leader` leads: SIGTERM, then SIGKILL after `timeout` seconds.
+
+    A process group id is not reused while any process of the group exists,
+    so signalling it is safe even after the leader was reaped.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leader.poll()  # reaps the leader, which counts as a member until then
+        try:
+            os.killpg(leader.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":
