@@ -100,7 +100,7 @@ import torch
 
 from resmom.train import checkpoint
 
-# Python ignores SIGXFSZ already; a write past the limit then raises EFBIG.
+# Python ignores SIGXFSZ already, so a write past the limit raises EFBIG.
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 path = Path(sys.argv[1])
 checkpoint.save(path, {"epoch": 1, "weights": torch.arange(1000.0)})

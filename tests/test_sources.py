@@ -603,11 +603,11 @@ def _write_slow_imagefolder(root: Path, val_per_class: int) -> None:
                 (folder / f"{index}.jpg").write_bytes(blobs[index % len(blobs)])
 
 
-def _wait_for(condition, timeout: float, what: str) -> None:
+def _wait_for(condition, timeout: float, description: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
         time.sleep(0.05)
 
 
@@ -672,8 +672,8 @@ def test_signal_stops_conversion_cleanly(
         assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
         _assert_nothing_written(data)
     finally:
-        # Leave nothing running if an assertion failed first. Popen and psutil
-        # both refuse to signal a process id that a new process may have taken.
+        # Leave nothing running if an assertion failed first. Neither Popen nor
+        # psutil signals a process id that a new process may have taken.
         command.kill()
         for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess):

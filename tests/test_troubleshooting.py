@@ -29,8 +29,8 @@ _ANY = object()  # a placeholder in a message
 _PRINTF_PLACEHOLDER = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?[sdifgeEr]")
 
 # Messages that no command can show, because the spec validation or the
-# platform's own calls exclude their cause; each is a check of a programming
-# error. Keyed by a piece of their literal text.
+# platform's own calls exclude their cause. Each checks for a programming
+# error. The keys are pieces of their literal text, the values the reasons.
 INTERNAL = {
     "kNN needs a non-empty feature bank": "splits are never empty, and every rank gathers all",
     "LARS learning rate must be positive": "optim.lr is validated as positive",
@@ -182,8 +182,8 @@ def test_every_message_in_guide():
             continue
         pattern = message.lead_pattern()
         if not any(re.match(pattern, span) for span in spans):
-            shown = "".join("…" if part is _ANY else part for part in message.parts)
-            missing.append(f"{message.where}: {shown!r}")
+            readable = "".join("…" if part is _ANY else part for part in message.parts)
+            missing.append(f"{message.where}: {readable!r}")
     assert not missing, "messages without an entry in docs/troubleshooting.md:\n" + "\n".join(
         missing
     )

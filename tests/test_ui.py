@@ -32,7 +32,7 @@ def _listening(processes: list[psutil.Process], port: int) -> list[str]:
 
 
 def test_ui_listens_on_loopback_and_stops(tmp_path: Path):
-    # An empty SQLite file is a valid store; the server creates its tables.
+    # An empty SQLite file is a valid store, in which the server creates its tables.
     (tmp_path / "mlflow").mkdir()
     (tmp_path / "mlflow" / "mlflow.db").touch()
     port = _free_port()

@@ -232,7 +232,7 @@ def _writer_main(
     shared memory that FFCV allocated, sends the exception through `errors`
     and exits with code 1.
     """
-    # The caller handles Ctrl+C and stops this process with SIGTERM; FFCV's
+    # The caller handles Ctrl+C and stops this process with SIGTERM. FFCV's
     # workers inherit the ignored SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _raise_writer_stopped)
@@ -300,9 +300,9 @@ def _stop_writer(process) -> None:
     started = descendants()
     process.terminate()
     wait([process.sentinel], _WRITER_STOP_SECONDS)
-    # The writer kills its workers itself; these are left when it could not,
-    # e.g. because it was stuck. psutil checks that each is still the process
-    # that it listed, so a reused process id is never signalled.
+    # The writer kills its workers itself, so these are left only when it
+    # could not, e.g. because it was stuck. psutil checks that each is still
+    # the process that it listed, so a reused process id is never signalled.
     for worker in started + descendants():
         with contextlib.suppress(psutil.NoSuchProcess):
             worker.kill()

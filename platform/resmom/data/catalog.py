@@ -11,8 +11,8 @@ from resmom.data.sources import ArraySource, DataError, Source
 
 log = logging.getLogger(__name__)
 
-# What `--source` holds for each dataset, for error messages; the README's
-# dataset table gives the files inside.
+# The folders that `--source` contains for each dataset, named in error
+# messages. The README's dataset table lists the files inside them.
 _SOURCE_LAYOUTS = {
     "cifar10": "cifar-10-batches-py/",
     "cifar100": "cifar-100-python/",
@@ -59,7 +59,7 @@ def read_dataset(
     if not source.is_dir():
         raise DataError(
             f"source folder not found: {source}; --source must be an existing folder that "
-            f"holds {_SOURCE_LAYOUTS[name]}"
+            f"contains {_SOURCE_LAYOUTS[name]}"
         )
     if name in NEEDS_CLASS_LIST:
         if classes_file is None:

@@ -354,8 +354,8 @@ def read_imagefolder(root: Path, classes: Sequence[str] | None = None) -> dict[s
     """
     if not root.is_dir():
         raise DataError(
-            f"source folder not found: {root}; expected a folder that holds train/<class>/ "
-            "and val/<class>/"
+            f"source folder not found: {root}; expected a folder that contains "
+            "train/<class>/ and val/<class>/"
         )
     train_folders = _class_folders(root / "train", classes)
     class_index = {name: index for index, name in enumerate(train_folders)}

@@ -17,7 +17,7 @@ CHECKPOINT_NAME = "last.pt"
 # Spec sections that may change between a run and its resumption: where and
 # how it runs, not what it computes.
 _RESUMABLE_CHANGES = {"name", "run"}
-# What to do about the usual causes of a failed write, by errno.
+# Remedies for the usual causes of a failed write, by errno.
 _WRITE_REMEDIES = {
     errno.ENOSPC: "Free space on the disk that holds it",
     errno.EDQUOT: "Free space within the disk quota",
@@ -26,7 +26,7 @@ _WRITE_REMEDIES = {
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint that could not be written; the previous one at the same path is kept."""
+    """A checkpoint that could not be written. The previous one at the same path is kept."""
 
 
 class _ErrorRecordingWriter:
@@ -110,7 +110,7 @@ def read(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's message explains how to load the file unsafely; only the
+        # torch's message explains how to load the file unsafely. Only the
         # rejected global matters here.
         detail = next(
             (line.strip() for line in str(exc).splitlines() if "WeightsUnpickler" in line),
