@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import os
 import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -473,6 +483,237 @@ def test_cli_prepare_exit_codes(tmp_path: Path):
     )
     assert mismatch.exit_code == 1
     assert "write_mode=raw but write_mode=jpg" in mismatch.output
+
+
+def _prepare_cli(*args: str):
+    return CliRunner().invoke(app, ["data", "prepare", *args, "--workers", "1"])
+
+
+def _unwrapped(output: str) -> str:
+    # Rich wraps messages at the terminal width, inside long paths too.
+    return output.replace("\n", "")
+
+
+def test_cli_missing_source_folder(tmp_path: Path):
+    data = tmp_path / "data"
+    result = _prepare_cli("cifar10", "--source", str(tmp_path / "absent"), "--data-dir", str(data))
+    output = _unwrapped(result.output)
+    assert result.exit_code == 1
+    assert f"source folder not found: {tmp_path / 'absent'}" in output
+    assert "cifar-10-batches-py/" in output
+    tree = _prepare_cli(f"imagefolder:{tmp_path / 'absent'}", "--data-dir", str(data))
+    assert tree.exit_code == 1
+    assert "train/<class>/ and val/<class>/" in _unwrapped(tree.output)
+    _assert_nothing_written(data)
+
+
+def test_cli_empty_class_folder(tmp_path: Path):
+    write_imagefolder(tmp_path / "tree")
+    (tmp_path / "tree" / "train" / "wasp").mkdir()
+    data = tmp_path / "data"
+    result = _prepare_cli("imagenet", "--source", str(tmp_path / "tree"), "--data-dir", str(data))
+    output = _unwrapped(result.output)
+    assert result.exit_code == 1
+    assert f"class folder {tmp_path / 'tree' / 'train' / 'wasp'} contains no images" in output
+    assert ".jpg, .jpeg, .png" in output
+    _assert_nothing_written(data)
+
+
+def test_cli_corrupt_image(tmp_path: Path):
+    write_imagefolder(tmp_path / "tree")
+    bad = tmp_path / "tree" / "val" / "ant" / "rgb.png"
+    bad.write_bytes(bad.read_bytes()[:100])
+    data = tmp_path / "data"
+    result = _prepare_cli("imagenet", "--source", str(tmp_path / "tree"), "--data-dir", str(data))
+    output = _unwrapped(result.output)
+    assert result.exit_code == 1
+    assert "1 of 4 images cannot be read; fix or remove them" in output
+    assert str(bad) in output
+    _assert_nothing_written(data)
+
+
+def test_cli_truncated_beton_without_source(tmp_path: Path):
+    write_cifar10(tmp_path / "src")
+    data = tmp_path / "data"
+    paths = prepare("cifar10", data, source=tmp_path / "src")
+    paths["train"].write_bytes(paths["train"].read_bytes()[:1000])
+    before = sorted(_files_left(data))
+    result = _prepare_cli("cifar10", "--data-dir", str(data))
+    output = _unwrapped(result.output)
+    assert result.exit_code == 1
+    assert f"{paths['train']} has 1000 bytes but its manifest records" in output
+    assert "rmctl data prepare cifar10 --source PATH" in output
+    assert sorted(_files_left(data)) == before
+
+
+def test_cli_changed_beton_converted_again(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    write_cifar10(tmp_path / "src")
+    data = tmp_path / "data"
+    paths = prepare("cifar10", data, source=tmp_path / "src")
+    # Same size, other content: only the checksum shows the change.
+    content = bytearray(paths["test"].read_bytes())
+    content[-1] ^= 0xFF
+    paths["test"].write_bytes(bytes(content))
+    source = ["--source", str(tmp_path / "src")]
+    with caplog.at_level(logging.WARNING, logger="resmom.data.beton"):
+        result = _prepare_cli("cifar10", *source, "--data-dir", str(data))
+    assert result.exit_code == 0, result.output
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert f"{paths['test']} does not match the checksum in its manifest" in warnings[0]
+    assert "converting cifar10 again" in warnings[0]
+    for path in paths.values():
+        check_beton(path, verify_checksum=True)
+
+
+def test_cli_run_rejects_other_options(digits_paths: dict[str, Path], data_dir: Path):
+    before = {path: path.stat().st_mtime_ns for path in _files_left(digits_paths["train"].parent)}
+    job = Path(__file__).parents[1] / "jobs" / "digits_byol_rm.yaml"
+    result = CliRunner().invoke(
+        app, ["run", str(job), "--set", "data.write_mode=jpg", "--data-dir", str(data_dir)]
+    )
+    output = _unwrapped(result.output)
+    assert result.exit_code == 1
+    assert f"{digits_paths['train']} was written with write_mode=raw" in output
+    assert "but write_mode=jpg is requested" in output
+    assert "--force" in output
+    after = {path: path.stat().st_mtime_ns for path in _files_left(digits_paths["train"].parent)}
+    assert after == before
+
+
+# Signals -----------------------------------------------------------------------
+
+
+def _write_slow_imagefolder(root: Path, val_per_class: int) -> None:
+    """A tree with a tiny train split and a val split that takes seconds to convert.
+
+    Noise does not compress, so every 256x256 JPEG is large and slow to decode
+    and encode. Four encoded images are written under many names.
+    """
+    blobs = []
+    for _ in range(4):
+        buffer = io.BytesIO()
+        Image.fromarray(_random_images(1, 256)[0]).save(buffer, format="JPEG", quality=95)
+        blobs.append(buffer.getvalue())
+    for split, count in (("train", 2), ("val", val_per_class)):
+        for name in ("ant", "bee"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                (folder / f"{index}.jpg").write_bytes(blobs[index % len(blobs)])
+
+
+def _wait_for(condition, timeout: float, description: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "to_group", "exit_code", "message"),
+    [
+        # A terminal's Ctrl+C signals the whole foreground process group.
+        (signal.SIGINT, True, 130, "interrupted (SIGINT)"),
+        # `kill` and most schedulers signal the process alone.
+        (signal.SIGINT, False, 130, "interrupted (SIGINT)"),
+        (signal.SIGTERM, False, 143, "stopped by SIGTERM"),
+    ],
+    ids=["sigint-to-group", "sigint-to-process", "sigterm-to-process"],
+)
+def test_signal_stops_conversion_cleanly(
+    tmp_path: Path, signal_number: int, to_group: bool, exit_code: int, message: str
+):
+    import psutil
+
+    _write_slow_imagefolder(tmp_path / "tree", val_per_class=1000)
+    data = tmp_path / "data"
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as error_file:
+        command = subprocess.Popen(
+            [
+                sys.executable, "-m", "resmom.cli", "data", "prepare",
+                f"imagefolder:{tmp_path / 'tree'}", "--data-dir", str(data), "--workers", "2",
+            ],
+            stdout=subprocess.DEVNULL, stderr=error_file, start_new_session=True,
+        )  # fmt: skip
+    processes: list[psutil.Process] = []
+    try:
+        # FFCV writes whole pages of 8 MiB, so a test split temporary file
+        # above 1 MiB means the workers are converting the val images, after
+        # the train split was finished.
+        def converting_test_split() -> bool:
+            if command.poll() is not None:
+                raise AssertionError(f"rmctl ended before the signal:\n{stderr.read_text()}")
+            return any(path.stat().st_size > 1 << 20 for path in data.rglob(".test.beton.*.tmp"))
+
+        _wait_for(converting_test_split, 300, "the conversion of the test split")
+        assert any(data.rglob("train.beton.manifest.json"))
+        processes = psutil.Process(command.pid).children(recursive=True)
+        assert len(processes) >= 3  # the writer process and its 2 FFCV workers at least
+
+        if to_group:
+            os.killpg(command.pid, signal_number)
+        else:
+            command.send_signal(signal_number)
+        sent = time.monotonic()
+        returncode = command.wait(timeout=60)
+        elapsed = time.monotonic() - sent
+        output = _unwrapped(stderr.read_text())
+
+        assert returncode == exit_code, output[-3000:]
+        # Measured at about 1.2 s on a shared 2-core machine; the bound leaves room for load.
+        assert elapsed < 10, f"took {elapsed:.1f} s to stop"
+        assert f"conversion of imagefolder:{tmp_path / 'tree'} {message}" in output
+        assert "Traceback" not in output
+        assert "leaked shared_memory" not in output
+        _, alive = psutil.wait_procs(processes, timeout=5)
+        assert [p for p in alive if p.status() != psutil.STATUS_ZOMBIE] == []
+        _assert_nothing_written(data)
+    finally:
+        # Leave nothing running if an assertion failed first. Neither Popen nor
+        # psutil signals a process id that a new process may have taken.
+        command.kill()
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        command.wait()
+        shutil.rmtree(tmp_path / "tree")  # 120 MB of images
+
+
+def _limit_file_size() -> None:
+    # FFCV writes the first page of samples at 8 MiB into the file, so a 4 MiB
+    # limit fails the first write after the header, as a full disk would.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))
+
+
+def test_full_disk_during_conversion_named(tmp_path: Path):
+    _write_slow_imagefolder(tmp_path / "tree", val_per_class=20)
+    data = tmp_path / "data"
+    name = f"imagefolder:{tmp_path / 'tree'}"
+    command = subprocess.Popen(
+        [
+            sys.executable, "-m", "resmom.cli", "data", "prepare", name,
+            "--data-dir", str(data), "--workers", "2",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_limit_file_size, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, stderr = command.communicate(timeout=120)
+    finally:
+        # Without a group kill, FFCV's processes would outlive a timed-out run.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+    output = _unwrapped(stderr)
+    assert command.returncode == 1, output[-3000:]
+    assert f"failed to write {data / dataset_folder(name) / 'train.beton'}" in output
+    assert "an FFCV worker process ended with exit code 1" in output
+    assert "OSError: [Errno 27] File too large" in output
+    assert "ulimit -f" in output
+    _assert_nothing_written(data)
 
 
 # Shards under DDP ----------------------------------------------------------------

@@ -82,6 +82,36 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path: Path):
         load_job(path)
 
 
+def _python_call(marker: Path) -> str:
+    """A YAML value that an unsafe loader turns into a call that creates `marker`."""
+    return f"!!python/object/apply:builtins.exec [\"open('{marker}', 'w').close()\"]"
+
+
+def test_python_tag_in_spec_rejected(tmp_path: Path):
+    marker = tmp_path / "marker"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: {_python_call(marker)}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    output = result.output.replace("\n", "")
+    assert result.exit_code == 2
+    assert f"invalid YAML in {path} at line 1, column 7" in output
+    assert "tag 'tag:yaml.org,2002:python/object/apply:builtins.exec' is not accepted" in output
+    assert "plain values only" in output
+    assert not marker.exists()
+
+
+def test_python_tag_in_override_rejected(tmp_path: Path):
+    marker = tmp_path / "marker"
+    result = runner.invoke(
+        app, ["validate", str(DEMO_JOB), "--set", f"name={_python_call(marker)}"]
+    )
+    output = result.output.replace("\n", "")
+    assert result.exit_code == 2
+    assert "invalid value in override" in output
+    assert "python/object/apply:builtins.exec' is not accepted" in output
+    assert not marker.exists()
+
+
 def test_missing_file_named(tmp_path: Path):
     with pytest.raises(SpecError, match="spec file not found"):
         load_job(tmp_path / "nope.yaml")

@@ -6,10 +6,15 @@ an invalid spec or argument, before anything starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -55,6 +60,26 @@ AddressOption = Annotated[
 ]
 
 EXIT_INVALID = 2
+# The shell's codes for a process ended by SIGINT and SIGTERM: 128 + signal number.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanup runs as it does for Ctrl+C."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -150,7 +175,7 @@ def probe(
     saved = checkpoint_dir(directory, run_id) / "last.pt"
     try:
         metrics = run_linear_probe(run_id, directory, saved)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
         raise _fail(str(exc)) from None
     table = Table(title=f"linear probe of run {run_id}")
     table.add_column("encoder")
@@ -236,18 +261,30 @@ def data_prepare(
             max_resolution if max_resolution is not None else defaults.max_resolution,
             jpeg_quality,
         )
-        paths = prepare(
-            name,
-            resolve_data_dir(data_dir),
-            force=force,
-            source=source,
-            options=options,
-            workers=workers,
-            download=download,
-            classes_file=classes,
-        )
+        with _sigterm_raises():
+            paths = prepare(
+                name,
+                resolve_data_dir(data_dir),
+                force=force,
+                source=source,
+                options=options,
+                workers=workers,
+                download=download,
+                classes_file=classes,
+                verify_checksum=True,
+            )
     except DataError as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            f"conversion of {name} interrupted (SIGINT); the files it had written were removed",
+            EXIT_INTERRUPTED,
+        ) from None
+    except Terminated:
+        raise _fail(
+            f"conversion of {name} stopped by SIGTERM; the files it had written were removed",
+            EXIT_TERMINATED,
+        ) from None
     for split, path in paths.items():
         manifest = check_beton(path)
         sizes = manifest["resolution"]
@@ -472,6 +509,8 @@ def ui(
     if not store.is_file():
         raise _fail(f"no local MLflow store at {store}; run a job first (`make demo`)")
     console.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl+C stops it)")
+    # Loopback only: the UI has no authentication, and anyone who reaches it
+    # can read and delete every run of the store.
     command = [
         sys.executable,
         "-m",
@@ -486,7 +525,40 @@ def ui(
         "--port",
         str(port),
     ]
-    raise typer.Exit(subprocess.call(command, env=os.environ.copy()))
+    # The server starts uvicorn workers and job consumers of its own. In a
+    # session of its own, all of them can be stopped as one group, which a
+    # SIGTERM to this process alone would otherwise leave running.
+    server = subprocess.Popen(command, env=os.environ.copy(), start_new_session=True)
+    try:
+        with _sigterm_raises():
+            code = server.wait()
+    except KeyboardInterrupt:
+        _stop_process_group(server)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        _stop_process_group(server)
+        raise typer.Exit(EXIT_TERMINATED) from None
+    raise typer.Exit(code)
+
+
+def _stop_process_group(leader: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop the process group that `leader` leads: SIGTERM, then SIGKILL after `timeout` seconds.
+
+    A process group id is not reused while any process of the group exists,
+    so signalling it is safe even after the leader was reaped.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leader.poll()  # reaps the leader, which counts as a member until then
+        try:
+            os.killpg(leader.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

@@ -403,11 +403,25 @@ def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
         node[leaf] = copy.deepcopy(value)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Return the cause of a YAML error in one line, without the excerpt of the input."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    # safe_load builds plain values only. It rejects the tags that build
+    # Python objects (!!python/object and the like), which could run code.
+    if isinstance(exc, yaml.constructor.ConstructorError) and "constructor for the tag" in problem:
+        tag = problem.rpartition("the tag ")[2]
+        return (
+            f"tag {tag} is not accepted; a spec contains plain values only (mappings, lists, "
+            "strings, numbers, booleans, null), never Python objects"
+        )
+    return problem
+
+
 def _parse_value(assignment: str, text: str) -> Any:
     try:
         return yaml.safe_load(text) if text else None
     except yaml.YAMLError as exc:
-        raise SpecError(f"invalid value in override {assignment!r}: {exc}") from exc
+        raise SpecError(f"invalid value in override {assignment!r}: {_yaml_problem(exc)}") from exc
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
@@ -431,8 +445,7 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"invalid YAML in {path}{where}: {problem}") from exc
+        raise SpecError(f"invalid YAML in {path}{where}: {_yaml_problem(exc)}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

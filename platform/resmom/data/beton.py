@@ -9,11 +9,18 @@ which `check_beton` rejects and `prepare` rewrites.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import signal
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -38,6 +45,13 @@ MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_FORMAT = 2
 # FFCV stores image sides as uint16.
 _MAX_SIDE = 65535
+# Seconds that a stopped writer process gets to end FFCV's workers before the
+# caller kills them.
+_WRITER_STOP_SECONDS = 5.0
+_WRITE_REMEDY = (
+    "nothing was kept. If the disk is full or the file size limit (ulimit -f) is reached, "
+    "free space or raise the limit, then prepare again"
+)
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,18 @@ class ConversionOptions:
 
 class OptionMismatchError(DataError):
     """A valid `.beton` that was written with other conversion options than requested."""
+
+
+class StaleFileError(DataError):
+    """A `.beton` that no longer matches its manifest, or has no valid manifest.
+
+    `problem` states what is wrong without the remedy, for the warning that
+    `prepare` logs when it converts the file again.
+    """
+
+    def __init__(self, problem: str, remedy: str) -> None:
+        super().__init__(f"{problem}; {remedy}")
+        self.problem = problem
 
 
 def default_options(dataset: str) -> ConversionOptions:
@@ -132,39 +158,91 @@ def _stored_sizes(path: Path) -> dict[str, list[int]]:
     }
 
 
-def write_beton(
-    path: Path,
-    source: Source,
-    options: ConversionOptions,
-    workers: int = 1,
-    origin: str | None = None,
-) -> dict[str, Any]:
-    """Write an image classification split to `path` and its manifest beside it.
+class _WriterStopped(BaseException):
+    """SIGTERM inside the writer process, raised so that it ends FFCV's workers first."""
 
-    The file is written under a temporary name in the same folder and renamed
-    into place, then its manifest is written the same way. The caller checks
-    the source first (`sources.check_source`).
 
-    Returns:
-        The manifest that was written beside the file.
+class _WorkerFailed(Exception):
+    """An FFCV worker process that ended with an error, e.g. on a full disk."""
 
-    Raises:
-        DataError: a sample failed while writing; no file is left behind.
+    def __init__(self, exit_code: int, error: str) -> None:
+        super().__init__(exit_code, error)
+        self.exit_code = exit_code
+        self.error = error
+
+
+def _raise_writer_stopped(signum: int, frame) -> None:
+    raise _WriterStopped()
+
+
+class _WorkerErrorRecorder:
+    """A stand-in for the writer's sys.stderr that FFCV's forked workers inherit.
+
+    Everything goes to the real stream. Text that a worker process writes,
+    which is the traceback that multiprocessing prints when a worker raises,
+    is also appended to `record`, so that the error can name the cause.
     """
+
+    def __init__(self, stream, record: Path) -> None:
+        self.stream = stream
+        self.record = record
+        self.owner = os.getpid()
+
+    def write(self, text: str) -> int:
+        if os.getpid() != self.owner:
+            with self.record.open("a") as handle:
+                handle.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _watch_workers(failures: list[int]) -> None:
+    """Stop the writer's main thread when an FFCV worker process fails.
+
+    FFCV's writer waits for a sample count that a dead worker never reports,
+    so without this a worker that fails on a full disk hangs the conversion.
+    """
+    seen: set[multiprocessing.Process] = set()
+    while not failures:
+        time.sleep(0.2)
+        seen.update(multiprocessing.active_children())
+        for worker in seen:
+            if worker.exitcode not in (None, 0):
+                failures.append(worker.exitcode)
+                _thread.interrupt_main(signal.SIGTERM)
+                return
+
+
+def _writer_main(
+    temporary: str,
+    dataset: _GuardedSource,
+    options: ConversionOptions,
+    workers: int,
+    errors,
+    worker_errors: Path,
+) -> None:
+    """Body of the writer process: write `dataset` into `temporary` with FFCV.
+
+    On any failure or on SIGTERM it kills FFCV's worker processes, removes the
+    shared memory that FFCV allocated, sends the exception through `errors`
+    and exits with code 1.
+    """
+    # The caller handles Ctrl+C and stops this process with SIGTERM. FFCV's
+    # workers inherit the ignored SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_writer_stopped)
     from ffcv.fields import FloatField, IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    if len(source) == 0:
-        raise DataError(f"{source.origin} has no images")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path(path).unlink(missing_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
-    )
-    os.close(descriptor)
-    error_log = Path(temporary + ".errors")
-    for part in sources._file_sources(source):
-        part.draft_size = options.max_resolution
+    sys.stderr = _WorkerErrorRecorder(sys.stderr, worker_errors)
+    failures: list[int] = []
+    threading.Thread(target=_watch_workers, args=(failures,), daemon=True).start()
+    writer = None
     try:
         writer = DatasetWriter(
             temporary,
@@ -179,7 +257,156 @@ def write_beton(
             },
             num_workers=workers,
         )
-        writer.from_indexed_dataset(_GuardedSource(source, error_log))
+        writer.from_indexed_dataset(dataset)
+    except BaseException as exc:  # noqa: BLE001 - reported to the caller through `errors`
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for worker in multiprocessing.active_children():
+            worker.kill()
+        for worker in multiprocessing.active_children():
+            worker.join()
+        # FFCV unlinks its shared memory only after a complete write.
+        memory = getattr(writer, "metadata_sm", None)
+        if hasattr(memory, "unlink"):
+            memory.unlink()
+        if failures:
+            lines = worker_errors.read_text().splitlines() if worker_errors.exists() else []
+            last = next((line for line in reversed(lines) if line.strip()), "no error printed")
+            errors.send(_WorkerFailed(failures[0], last.strip()))
+        elif isinstance(exc, Exception):
+            try:
+                errors.send(exc)
+            except Exception:  # noqa: BLE001 - an exception that cannot be pickled
+                errors.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # os._exit skips multiprocessing's exit handlers, which would wait
+        # forever for FFCV's queue threads to hand their items to the workers
+        # that were just killed.
+        os._exit(1)
+
+
+def _stop_writer(process) -> None:
+    """Stop the writer process and its FFCV workers, then reap it."""
+    from multiprocessing.connection import wait
+
+    import psutil  # a dependency of FFCV
+
+    def descendants() -> list[psutil.Process]:
+        try:
+            return psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    started = descendants()
+    process.terminate()
+    wait([process.sentinel], _WRITER_STOP_SECONDS)
+    # The writer kills its workers itself, so these are left only when it
+    # could not, e.g. because it was stuck. psutil checks that each is still
+    # the process that it listed, so a reused process id is never signalled.
+    for worker in started + descendants():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    process.kill()
+    process.join()
+
+
+def _run_writer(
+    temporary: Path, dataset: _GuardedSource, options: ConversionOptions, workers: int
+) -> None:
+    """Run FFCV's DatasetWriter in a child process that can be stopped at any time.
+
+    FFCV starts its worker processes, queues and shared memory inside
+    `from_indexed_dataset` and cleans none of them up when interrupted: after
+    Ctrl+C the process can wait forever for its queue threads, and after
+    SIGTERM the workers keep running. The child process owns all of them, so
+    any exception here, KeyboardInterrupt included, stops the child and its
+    workers before it propagates.
+
+    Raises:
+        _WorkerFailed: an FFCV worker process ended with an error.
+        Exception: the one that the writer raised.
+    """
+    from multiprocessing import resource_tracker
+
+    # Imported here, so that the writer process starts without FFCV's import
+    # time (seconds of numba compilation) and an import error names itself.
+    import ffcv.writer  # noqa: F401
+
+    # FFCV's shared memory is registered with the resource tracker. Started
+    # here, the tracker is shared with the writer process and removes what a
+    # killed writer leaves when this process ends.
+    resource_tracker.ensure_running()
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    worker_errors = temporary.with_name(temporary.name + ".workers")
+    process = context.Process(
+        target=_writer_main,
+        args=(str(temporary), dataset, options, workers, sender, worker_errors),
+        name="ffcv-writer",
+    )
+    try:
+        process.start()
+        sender.close()
+        process.join()
+    except BaseException:
+        if process.pid is not None:
+            _stop_writer(process)
+        raise
+    finally:
+        sender.close()
+        worker_errors.unlink(missing_ok=True)
+    with receiver:
+        if process.exitcode == 0:
+            return
+        try:
+            error = receiver.recv()
+        except EOFError:
+            error = DataError(f"the FFCV writer process exited with code {process.exitcode}")
+    raise error
+
+
+def write_beton(
+    path: Path,
+    source: Source,
+    options: ConversionOptions,
+    workers: int = 1,
+    origin: str | None = None,
+) -> dict[str, Any]:
+    """Write an image classification split to `path` and its manifest beside it.
+
+    The file is written under a temporary name in the same folder and renamed
+    into place, then its manifest is written the same way. The caller checks
+    the source first (`sources.check_source`). An exception here, Ctrl+C
+    included, stops FFCV's worker processes and removes the temporary file.
+
+    Returns:
+        The manifest that was written beside the file.
+
+    Raises:
+        DataError: a sample failed, or writing failed (a full disk); no file
+            is left behind.
+    """
+    if len(source) == 0:
+        raise DataError(f"{source.origin} has no images")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path(path).unlink(missing_ok=True)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
+    os.close(descriptor)
+    error_log = Path(temporary + ".errors")
+    for part in sources._file_sources(source):
+        part.draft_size = options.max_resolution
+    try:
+        try:
+            _run_writer(Path(temporary), _GuardedSource(source, error_log), options, workers)
+        except OSError as exc:
+            raise DataError(f"failed to write {path}: {exc}; {_WRITE_REMEDY}") from exc
+        except _WorkerFailed as exc:
+            raise DataError(
+                f"failed to write {path}: an FFCV worker process ended with exit code "
+                f"{exc.exit_code} ({exc.error}); {_WRITE_REMEDY}"
+            ) from None
         if error_log.exists():
             lines = error_log.read_text().splitlines()
             listed = "\n  ".join(lines[:5])
@@ -243,38 +470,44 @@ def check_beton(
 
     Raises:
         OptionMismatchError: the file was written with other options than `expected`.
-        DataError: the file or its manifest is missing, stale or corrupt.
+        StaleFileError: the manifest is missing, corrupt or older, or the file
+            no longer matches it.
+        DataError: the file is missing.
     """
     manifest_file = manifest_path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}; run `rmctl data prepare`")
     if not manifest_file.is_file():
-        raise DataError(
-            f"{path} has no manifest ({manifest_file.name}), so its conversion did not finish; "
-            "run `rmctl data prepare` again"
+        raise StaleFileError(
+            f"{path} has no manifest ({manifest_file.name}), so its conversion did not finish",
+            "run `rmctl data prepare` again",
         )
     try:
         manifest = json.loads(manifest_file.read_text())
     except json.JSONDecodeError as exc:
-        raise DataError(
-            f"corrupt manifest {manifest_file}: {exc}; run `rmctl data prepare`"
+        raise StaleFileError(
+            f"corrupt manifest {manifest_file}: {exc}", "run `rmctl data prepare`"
         ) from exc
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(
+        raise StaleFileError(
             f"{manifest_file} has manifest format {manifest.get('format')}, this version "
-            f"reads format {MANIFEST_FORMAT}; run `rmctl data prepare --force` to rewrite it"
+            f"reads format {MANIFEST_FORMAT}",
+            "run `rmctl data prepare --force` to rewrite it",
         )
     size = path.stat().st_size
     if size != manifest["size_bytes"]:
-        raise DataError(
-            f"{path} has {size} bytes but its manifest records {manifest['size_bytes']}; the "
-            "file changed after conversion; run `rmctl data prepare --force`"
+        raise StaleFileError(
+            f"{path} has {size} bytes but its manifest records {manifest['size_bytes']}, so "
+            "the file changed after conversion",
+            "run `rmctl data prepare --force`",
         )
     if expected is not None:
         _check_options(path, manifest, expected)
     if verify_checksum and _sha256(path) != manifest.get("sha256"):
-        raise DataError(
-            f"{path} does not match the checksum in its manifest; run `rmctl data prepare --force`"
+        raise StaleFileError(
+            f"{path} does not match the checksum in its manifest, so the file changed after "
+            "conversion",
+            "run `rmctl data prepare --force`",
         )
     return manifest
 
@@ -292,12 +525,16 @@ def prepare(
     workers: int = 1,
     download: bool = False,
     classes_file: Path | None = None,
+    verify_checksum: bool = False,
 ) -> dict[str, Path]:
     """Convert `dataset` into one `.beton` per split unless valid files already exist.
 
     Valid files are reused when their manifest records the requested
-    `options` (the dataset's defaults when None). Every split is read and
-    checked before the first file is written.
+    `options` (the dataset's defaults when None). A file that changed after
+    its conversion is converted again, with a warning that names it. Every
+    split is read and checked before the first file is written. When writing
+    fails or is interrupted, the files of every split are removed, so that no
+    split is left from a conversion that did not finish.
 
     Args:
         source: folder with the dataset in its standard layout; digits and
@@ -305,18 +542,20 @@ def prepare(
         workers: processes that check and convert images.
         download: fetch the files into `source` with torchvision first.
         classes_file: class-list file of ImageNet-100.
+        verify_checksum: compare existing files with their manifest's SHA-256,
+            which reads them whole; otherwise only their sizes are compared.
     Returns:
         The path of each split's `.beton`.
     Raises:
         OptionMismatchError: valid files exist with other options and `force` is off.
-        DataError: the source is missing, incomplete or corrupt.
+        DataError: the source is missing, incomplete or corrupt, or writing failed.
     """
     options = options or default_options(dataset)
     paths = {split: beton_path(data_dir, dataset, split) for split in SPLITS}
     if not force:
         try:
             for path in paths.values():
-                check_beton(path, expected=options)
+                check_beton(path, expected=options, verify_checksum=verify_checksum)
             return paths
         except OptionMismatchError:
             raise
@@ -326,6 +565,8 @@ def prepare(
                     f"{dataset} is not prepared in {data_dir} ({exc}); convert it from its "
                     f"files with `rmctl data prepare {dataset} --source PATH`"
                 ) from exc
+            if isinstance(exc, StaleFileError):
+                log.warning("%s; converting %s again", exc.problem, dataset)
 
     from resmom.data import catalog
 
@@ -337,9 +578,15 @@ def prepare(
     for split, split_source in split_sources.items():
         sources.check_source(split_source, workers, f"{dataset} {split}")
     log.info("converting %s into %s", dataset, paths["train"].parent)
-    for split, split_source in split_sources.items():
-        manifest = write_beton(paths[split], split_source, options, workers)
-        log.info("wrote %s (%d images)", paths[split], manifest["count"])
+    try:
+        for split, split_source in split_sources.items():
+            manifest = write_beton(paths[split], split_source, options, workers)
+            log.info("wrote %s (%d images)", paths[split], manifest["count"])
+    except BaseException:
+        for path in paths.values():
+            manifest_path(path).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        raise
     return paths
 
 

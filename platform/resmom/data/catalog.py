@@ -11,6 +11,16 @@ from resmom.data.sources import ArraySource, DataError, Source
 
 log = logging.getLogger(__name__)
 
+# The folders that `--source` contains for each dataset, named in error
+# messages. The README's dataset table lists the files inside them.
+_SOURCE_LAYOUTS = {
+    "cifar10": "cifar-10-batches-py/",
+    "cifar100": "cifar-100-python/",
+    "stl10": "stl10_binary/",
+    "tinyimagenet": "tiny-imagenet-200/",
+    "imagenet": "train/<class>/ and val/<class>/",
+    "imagenet100": "train/<class>/ and val/<class>/",
+}
 # torchvision's dataset classes that download each format; the others are
 # downloaded by hand (ImageNet needs a login, Tiny-ImageNet has no torchvision class).
 _DOWNLOADERS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}
@@ -47,7 +57,10 @@ def read_dataset(
             f"{name} is not prepared; convert it with `rmctl data prepare {name} --source PATH`"
         )
     if not source.is_dir():
-        raise DataError(f"source folder not found: {source}")
+        raise DataError(
+            f"source folder not found: {source}; --source must be an existing folder that "
+            f"contains {_SOURCE_LAYOUTS[name]}"
+        )
     if name in NEEDS_CLASS_LIST:
         if classes_file is None:
             raise DataError(f"{name} needs a class-list file: pass --classes FILE")

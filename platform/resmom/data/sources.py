@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -352,7 +353,10 @@ def read_imagefolder(root: Path, classes: Sequence[str] | None = None) -> dict[s
         `train` from `train/`, `test` from `val/`; labels index the sorted class names.
     """
     if not root.is_dir():
-        raise DataError(f"source folder not found: {root}")
+        raise DataError(
+            f"source folder not found: {root}; expected a folder that contains "
+            "train/<class>/ and val/<class>/"
+        )
     train_folders = _class_folders(root / "train", classes)
     class_index = {name: index for index, name in enumerate(train_folders)}
     val_folders = _class_folders(root / "val", None)
@@ -449,6 +453,14 @@ def _verify_image(path: str) -> str | None:
     return None
 
 
+def _ignore_interrupts() -> None:
+    # Pool workers leave Ctrl+C to the parent, which stops them with SIGTERM
+    # when it leaves the pool. The default SIGTERM action replaces any handler
+    # inherited from the parent, so they end without a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def check_source(source: Source, workers: int = 1, description: str = "") -> None:
     """Check every sample of `source` so that the FFCV writer never meets a bad one.
 
@@ -475,7 +487,7 @@ def check_source(source: Source, workers: int = 1, description: str = "") -> Non
     chunk = max(1, min(64, len(paths) // (4 * workers)))
     progress = tqdm(total=len(paths), desc=f"checking {description}".strip(), unit="img")
     if workers > 1:
-        with get_context("fork").Pool(workers) as pool:
+        with get_context("fork").Pool(workers, initializer=_ignore_interrupts) as pool:
             for problem in pool.imap(_verify_image, paths, chunksize=chunk):
                 progress.update()
                 if problem:

@@ -16,6 +16,7 @@ from resmom.probe.features import extract_features
 from resmom.probe.linear import fit_linear_probe, top1
 from resmom.specs import validate_job
 from resmom.ssl.step import build
+from resmom.train import checkpoint
 
 log = logging.getLogger(__name__)
 _BATCH = 256
@@ -26,11 +27,13 @@ def run_linear_probe(run_id: str, data_dir: Path, checkpoint_path: Path) -> dict
 
     Raises:
         FileNotFoundError: the run has no checkpoint.
+        ValueError: the checkpoint is unreadable or contains objects other than
+            tensors and plain values.
         RuntimeError: a backbone changed during probing (it must stay frozen).
     """
     if not checkpoint_path.is_file():
         raise FileNotFoundError(f"run {run_id} has no checkpoint at {checkpoint_path}")
-    payload = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    payload = checkpoint.read(checkpoint_path)
     spec = validate_job(json.loads(payload["spec"]), source=str(checkpoint_path))
     networks = build(spec)
     networks.student.load_state_dict(payload["student"])
