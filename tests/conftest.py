@@ -19,9 +19,15 @@ def digits_paths(data_dir: Path) -> dict[str, Path]:
     return prepare("digits", data_dir)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
-    """One local Ray instance for every test that needs it, stopped at the end."""
+    """A local Ray instance for the tests of one module, stopped after them.
+
+    NOTE: one instance for the whole session hung in `ray.cluster_resources()`
+    in tests/test_sweep_e2e.py after tests/test_sources.py had converted and
+    interrupted datasets in forked FFCV writer processes of this process
+    (Ray 2.60). The cause was not found; a fresh instance per module avoids it.
+    """
     import ray
 
     from resmom.orchestrate import init_ray
