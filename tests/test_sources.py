@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from polling import wait_for
 from typer.testing import CliRunner
 
 from resmom.cli import app
@@ -603,14 +604,6 @@ def _write_slow_imagefolder(root: Path, val_per_class: int) -> None:
                 (folder / f"{index}.jpg").write_bytes(blobs[index % len(blobs)])
 
 
-def _wait_for(condition, timeout: float, description: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {description}")
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize(
     ("signal_number", "to_group", "exit_code", "message"),
     [
@@ -648,7 +641,7 @@ def test_signal_stops_conversion_cleanly(
                 raise AssertionError(f"rmctl ended before the signal:\n{stderr.read_text()}")
             return any(path.stat().st_size > 1 << 20 for path in data.rglob(".test.beton.*.tmp"))
 
-        _wait_for(converting_test_split, 300, "the conversion of the test split")
+        wait_for(converting_test_split, 300, "the conversion of the test split", every_s=0.05)
         assert any(data.rglob("train.beton.manifest.json"))
         processes = psutil.Process(command.pid).children(recursive=True)
         assert len(processes) >= 3  # the writer process and its 2 FFCV workers at least
