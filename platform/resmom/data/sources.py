@@ -453,12 +453,25 @@ def _verify_image(path: str) -> str | None:
     return None
 
 
+# Signal handlers that a forked child replaced. A handler inherited from the
+# parent can hold objects whose finalizers send requests through the parent's
+# inherited sockets: Ray Train 2.60 leaves a SIGINT handler that holds actor
+# handles, and freeing it in a child broke the parent's connection to Ray. The
+# child keeps them alive until it exits, which skips finalization.
+_REPLACED_HANDLERS: list = []
+
+
+def set_signal_handler_in_child(signum: int, handler) -> None:
+    """Set a signal handler in a forked child without freeing the inherited one."""
+    _REPLACED_HANDLERS.append(signal.signal(signum, handler))
+
+
 def _ignore_interrupts() -> None:
     # Pool workers leave Ctrl+C to the parent, which stops them with SIGTERM
     # when it leaves the pool. The default SIGTERM action replaces any handler
     # inherited from the parent, so they end without a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_signal_handler_in_child(signal.SIGINT, signal.SIG_IGN)
+    set_signal_handler_in_child(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check_source(source: Source, workers: int = 1, description: str = "") -> None:
