@@ -453,11 +453,12 @@ def _verify_image(path: str) -> str | None:
     return None
 
 
-# Signal handlers that a forked child replaced. A handler inherited from the
-# parent can hold objects whose finalizers send requests through the parent's
-# inherited sockets: Ray Train 2.60 leaves a SIGINT handler that holds actor
-# handles, and freeing it in a child broke the parent's connection to Ray. The
-# child keeps them alive until it exits, which skips finalization.
+# Signal handlers that a forked child replaced. An inherited handler can
+# reference objects whose finalizers send requests through sockets shared
+# with the parent. Ray Train 2.60 leaves a SIGINT handler that references
+# actor handles, and freeing it in a child broke the parent's connection to
+# Ray. So the child keeps the handlers alive until it exits, and
+# multiprocessing ends a forked child with os._exit, which frees nothing.
 _REPLACED_HANDLERS: list = []
 
 
