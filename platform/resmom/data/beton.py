@@ -234,8 +234,8 @@ def _writer_main(
     """
     # The caller handles Ctrl+C and stops this process with SIGTERM. FFCV's
     # workers inherit the ignored SIGINT.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_writer_stopped)
+    sources.set_signal_handler_in_child(signal.SIGINT, signal.SIG_IGN)
+    sources.set_signal_handler_in_child(signal.SIGTERM, _raise_writer_stopped)
     from ffcv.fields import FloatField, IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -259,7 +259,7 @@ def _writer_main(
         )
         writer.from_indexed_dataset(dataset)
     except BaseException as exc:  # noqa: BLE001 - reported to the caller through `errors`
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sources.set_signal_handler_in_child(signal.SIGTERM, signal.SIG_IGN)
         for worker in multiprocessing.active_children():
             worker.kill()
         for worker in multiprocessing.active_children():

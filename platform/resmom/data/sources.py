@@ -453,12 +453,26 @@ def _verify_image(path: str) -> str | None:
     return None
 
 
+# Signal handlers that a forked child replaced. An inherited handler can
+# reference objects whose finalizers send requests through sockets shared
+# with the parent. Ray Train 2.60 leaves a SIGINT handler that references
+# actor handles, and freeing it in a child broke the parent's connection to
+# Ray. So the child keeps the handlers alive until it exits, and
+# multiprocessing ends a forked child with os._exit, which frees nothing.
+_REPLACED_HANDLERS: list = []
+
+
+def set_signal_handler_in_child(signum: int, handler) -> None:
+    """Set a signal handler in a forked child without freeing the inherited one."""
+    _REPLACED_HANDLERS.append(signal.signal(signum, handler))
+
+
 def _ignore_interrupts() -> None:
     # Pool workers leave Ctrl+C to the parent, which stops them with SIGTERM
     # when it leaves the pool. The default SIGTERM action replaces any handler
     # inherited from the parent, so they end without a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_signal_handler_in_child(signal.SIGINT, signal.SIG_IGN)
+    set_signal_handler_in_child(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check_source(source: Source, workers: int = 1, description: str = "") -> None:
