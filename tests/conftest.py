@@ -19,14 +19,12 @@ def digits_paths(data_dir: Path) -> dict[str, Path]:
     return prepare("digits", data_dir)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_session():
-    """A local Ray instance for the tests of one module, stopped after them.
+    """One local Ray instance for every test that needs it, stopped at the end.
 
-    NOTE: one instance for the whole session hung in `ray.cluster_resources()`
-    in tests/test_sweep_e2e.py after tests/test_sources.py had converted and
-    interrupted datasets in forked FFCV writer processes of this process
-    (Ray 2.60). The cause was not found; a fresh instance per module avoids it.
+    Sharing it across modules also checks that data conversions, which fork,
+    leave the driver's Ray connection working after a Ray Train fit.
     """
     import ray
 
