@@ -3,9 +3,9 @@
 Training must not wait on the tracking server: `MetricsLogger.log` queues a
 batch and returns at once. While the server cannot be reached, the thread
 retries the oldest item with exponential backoff and keeps the order, so an
-outage delays metrics but loses none. `close` waits for the queue to drain;
-what is still unsent when its timeout ends is saved to a spool file, which
-the next logger of the same run (a resume) sends first.
+outage delays metrics but loses none. `close` waits for the queue to drain.
+What is still unsent at its timeout goes to a spool file, and the next logger
+of the same run (a resume) sends that file first.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 30.0
 # Seconds `close` waits for a request in flight after its timeout. The item of
-# that request is spooled too, so it may reach the server twice: harmless,
-# because each batch keeps the timestamp taken in `log`, and MLflow's SQL store
-# (2.x and 3.x) drops a metric whose key, value, timestamp and step it holds.
+# that request is spooled too, so it may reach the server twice. That is
+# harmless because each batch keeps the timestamp taken in `log`, and MLflow
+# 3.17's SQL store skips a metric whose key, value, timestamp and step it has.
 _ABANDON_WAIT_S = 5.0
 
 
@@ -65,7 +65,7 @@ def failure_reason(error: Exception) -> str:
 
 
 def _is_permanent(error: Exception) -> bool:
-    """Whether the server rejected the request itself (4xx), so a retry would fail the same way."""
+    """Return whether the server rejected the request itself (4xx), so a retry would fail too."""
     from mlflow.exceptions import MlflowException
 
     if not isinstance(error, MlflowException):
